@@ -1,0 +1,1 @@
+"""Training loop, checkpoints, evaluation and prediction drivers (import submodules directly)."""

@@ -1,0 +1,55 @@
+"""Small helpers over ``torch.distributed`` that degrade to no-ops in a single process."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def any_true(flag: bool, device: torch.device) -> bool:
+    """True on every rank if ``flag`` is True on any rank (a collective: all ranks must call it)."""
+    if not is_distributed():
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item() > 0)
+
+
+def mean_over_ranks(values: Mapping[str, float], device: torch.device) -> dict[str, float]:
+    """Average scalar values across ranks (same keys, same order on every rank)."""
+    keys = sorted(values)
+    if not keys:
+        return {}
+    t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=device)
+    if is_distributed():
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        t /= dist.get_world_size()
+    return dict(zip(keys, t.tolist()))
+
+
+def sum_over_ranks(value: float, device: torch.device) -> float:
+    t = torch.tensor([float(value)], dtype=torch.float64, device=device)
+    if is_distributed():
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return float(t.item())
+
+
+def gather_to_rank0(obj: Any) -> list[Any] | None:
+    """Every rank's ``obj`` as a list on rank 0 (``None`` elsewhere); ``[obj]`` without distribution."""
+    if not is_distributed():
+        return [obj]
+    out: list[Any] = [None] * dist.get_world_size() if dist.get_rank() == 0 else []
+    dist.gather_object(obj, out if dist.get_rank() == 0 else None, dst=0)
+    return out if dist.get_rank() == 0 else None
+
+
+def barrier() -> None:
+    if is_distributed():
+        dist.barrier()
