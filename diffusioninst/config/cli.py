@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from collections.abc import Callable
 from typing import TypeVar
 
 from diffusioninst.config.loader import ConfigError, describe_keys, load_config, to_yaml

@@ -91,6 +91,21 @@ def open_tracking(cfg: ExperimentConfig, parent_run_id: str | None = None) -> tu
     return run, TrackingInfo(tracking_uri=uri, run_id=run.run_id)
 
 
+def open_eval_tracking(cfg: ExperimentConfig, checkpoint: str | Path, steps: list[int]) -> Any:
+    """A fresh MLflow run for a stand-alone evaluation (params: the config, the checkpoint and steps)."""
+    from diffusioninst.tracking import NullRun, check_tracking_uri, resolve_tracking_uri, start_or_resume_run
+
+    if not cfg.tracking.enabled:
+        return NullRun()
+    uri = resolve_tracking_uri(cfg.tracking.tracking_uri, REPO_ROOT)
+    check_tracking_uri(uri)
+    run, _ = start_or_resume_run(
+        uri, cfg.tracking.experiment_name, f"eval-{cfg.name}", tags={"diffusioninst.kind": "evaluation"}
+    )
+    run.log_params({**flatten(cfg), "eval.checkpoint": str(Path(checkpoint).resolve()), "eval.steps": steps})
+    return run
+
+
 def init_ray(cfg: ExperimentConfig) -> None:
     """Connect to ``ray.address`` (or ``$RAY_ADDRESS``), else start a local Ray bound to 127.0.0.1."""
     import ray
