@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 from collections.abc import Callable
+from pathlib import Path
 from typing import TypeVar
 
 from diffusioninst.config.loader import ConfigError, describe_keys, load_config, to_yaml
@@ -55,10 +55,20 @@ def make_parser(
 
 
 def resolve(
-    parser: argparse.ArgumentParser, cls: type[T], argv: list[str] | None = None
+    parser: argparse.ArgumentParser,
+    cls: type[T],
+    argv: list[str] | None = None,
+    config_from: Callable[[argparse.Namespace], str | Path | None] | None = None,
 ) -> tuple[argparse.Namespace, T]:
-    """Parse ``argv`` and load/validate the config; exits with status 2 and a clear list on config errors."""
+    """Parse ``argv`` and load/validate the config; exits with status 2 and a clear list on config errors.
+
+    ``config_from(args)`` supplies the config file when ``--config`` is not given (e.g. the ``config.yaml``
+    saved with a checkpoint).
+    """
     args = parser.parse_args(argv)
+    if args.config is None and config_from is not None and not args.list_keys:
+        found = config_from(args)
+        args.config = str(found) if found is not None else None
     if args.list_keys:
         for key, tp, default, help_text in describe_keys(cls):
             print(f"{key:<48} {tp:<28} default={default!r}\n    {help_text}")
