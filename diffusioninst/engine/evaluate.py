@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Hashable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from diffusioninst.config import ExperimentConfig
+from diffusioninst.config import ExperimentConfig, SamplerConfig
 from diffusioninst.engine import dist
 
 
@@ -45,27 +46,30 @@ def predict_split(
     cfg: ExperimentConfig,
     dataset: Any,
     indices: list[int],
-    steps: list[int],
+    samplers: dict[Hashable, SamplerConfig],
     device: torch.device,
     category_ids: list[int],
     progress_every: int = 0,
-) -> dict[int, list[dict]]:
-    """COCO-format results for ``dataset[indices]`` per step count (masks as RLE, original image frame)."""
+) -> dict[Hashable, list[dict]]:
+    """COCO-format results for ``dataset[indices]`` under each sampler setting (RLE masks, original frame).
+
+    The encoder runs once per batch; every setting samples from that shared encoding. Settings with the same
+    step count get the same noise per image (paired comparisons).
+    """
     from diffusioninst.data import collate
     from diffusioninst.evaluation import results_to_coco
     from diffusioninst.model import GeneratorNoise, postprocess
 
     model.eval()
-    out: dict[int, list[dict]] = {s: [] for s in steps}
+    out: dict[Hashable, list[dict]] = {key: [] for key in samplers}
     bs = cfg.eval.batch_size
     t0 = time.perf_counter()
     for start in range(0, len(indices), bs):
         batch = collate([dataset[i] for i in indices[start : start + bs]]).to(device)
         encoded = model.encode(batch.images, batch.image_sizes)
-        for s in steps:
-            sampler = dataclasses.replace(cfg.sampler, steps=s)
+        for key, sampler in samplers.items():
             noise = [
-                GeneratorNoise(torch.Generator().manual_seed(noise_seed(cfg.eval.seed, iid, s)))
+                GeneratorNoise(torch.Generator().manual_seed(noise_seed(cfg.eval.seed, iid, sampler.steps)))
                 for iid in batch.image_ids
             ]
             dets = model.sample(encoded, sampler, noise=noise)
@@ -74,14 +78,25 @@ def predict_split(
                     det,
                     input_size=tuple(batch.image_sizes[i].tolist()),
                     output_size=tuple(batch.orig_sizes[i].tolist()),
-                    mask_threshold=cfg.sampler.mask_threshold,
+                    mask_threshold=sampler.mask_threshold,
                 )
-                out[s].extend(results_to_coco(batch.image_ids[i], result, category_ids))
+                out[key].extend(results_to_coco(batch.image_ids[i], result, category_ids))
         done = min(start + bs, len(indices))
         if progress_every and (done // bs) % progress_every == 0:
             rate = done / (time.perf_counter() - t0)
             print(f"[eval] {done}/{len(indices)} images ({rate:.2f} img/s)", flush=True)
     return out
+
+
+def score(gt: Any, kind: str, cfg: ExperimentConfig, image_ids: list[int], parts: list[list[dict]]) -> Any:
+    """Run the COCO/LVIS evaluator on the gathered results of one setting."""
+    from diffusioninst.evaluation import Evaluator
+
+    evaluator = Evaluator(gt, kind=kind, tasks=tuple(cfg.eval.tasks), backend=cfg.eval.backend)
+    evaluator.set_image_ids(image_ids)
+    for part in parts:
+        evaluator.add_coco_results(part)
+    return evaluator.compute()
 
 
 def evaluate_model(
@@ -101,7 +116,7 @@ def evaluate_model(
         the :class:`EvalOutcome` on rank 0 (``None`` on other ranks); tables are written to ``out_dir``.
     """
     from diffusioninst.data import build_eval_dataset
-    from diffusioninst.evaluation import Evaluator, flat_metrics, format_ap_table, write_ap_tables
+    from diffusioninst.evaluation import flat_metrics, format_ap_table, write_ap_tables
 
     device = device or next(model.parameters()).device
     steps = sorted(set(steps or cfg.eval.steps))
@@ -109,12 +124,13 @@ def evaluate_model(
     dataset, info = build_eval_dataset(cfg, split="val")
     n = len(dataset) if max_images is None else min(len(dataset), max_images)
     indices = list(range(rank, n, world_size))
+    samplers = {s: dataclasses.replace(cfg.sampler, steps=s) for s in steps}
     local = predict_split(
         model,
         cfg,
         dataset,
         indices,
-        steps,
+        samplers,
         device,
         info.category_ids,
         progress_every=max(1, 20 // cfg.eval.batch_size) if rank == 0 else 0,
@@ -123,13 +139,7 @@ def evaluate_model(
     if rank != 0:
         return None
     image_ids = [dataset.image_id(i) for i in range(n)]
-    results = {}
-    for s in steps:
-        evaluator = Evaluator(info.gt, kind=info.kind, tasks=tuple(cfg.eval.tasks), backend=cfg.eval.backend)
-        evaluator.set_image_ids(image_ids)
-        for part in gathered or []:
-            evaluator.add_coco_results(part[s])
-        results[s] = evaluator.compute()
+    results = {s: score(info.gt, info.kind, cfg, image_ids, [part[s] for part in gathered or []]) for s in steps}
     files = write_ap_tables(results, out_dir, info.kind) if out_dir is not None else {}
     return EvalOutcome(
         results=results,
