@@ -156,6 +156,7 @@ def run_training(cfg: ExperimentConfig, session: Session, tracking: TrackingInfo
 
     window: dict[str, list[float]] = {}
     last_good_iter = start_iter
+    latest_eval: dict[str, float] = {}  # reported with every checkpoint (Tune schedulers read it)
     for it in range(start_iter, cfg.solver.max_iter):
         ddp_model.train()
         optimizer.zero_grad(set_to_none=True)
@@ -196,9 +197,9 @@ def run_training(cfg: ExperimentConfig, session: Session, tracking: TrackingInfo
                 logger.log_metrics({"train/lr": lr, "train/img_per_s": speed["img_per_s"]}, step=done)
 
         if cfg.solver.eval_period and done % cfg.solver.eval_period == 0 and done < cfg.solver.max_iter:
-            _evaluate_and_log(cfg, model, session, logger, done, out_dir=None)
+            latest_eval = _evaluate_and_log(cfg, model, session, logger, done, out_dir=None) or latest_eval
         if done % cfg.solver.checkpoint_period == 0 and done < cfg.solver.max_iter:
-            _checkpoint(cfg, session, model, optimizer, scheduler, done, history, metrics={})
+            _checkpoint(cfg, session, model, optimizer, scheduler, done, history, metrics=latest_eval)
             last_good_iter = done
 
     final_iter = max(cfg.solver.max_iter, start_iter)

@@ -1,0 +1,110 @@
+"""Optimizer/schedule against closed forms; MLflow helpers against a real SQLite store."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from diffusioninst.config import SolverConfig
+from diffusioninst.engine.checkpoint import CheckpointError, read_state, write_checkpoint
+from diffusioninst.engine.solver import build_lr_scheduler, build_optimizer, clip_gradients, lr_factor
+from diffusioninst.tracking import TrackingError, check_tracking_uri, resolve_tracking_uri, start_or_resume_run
+
+
+def test_warmup_multistep_matches_closed_form():
+    cfg = SolverConfig(base_lr=1.0, max_iter=100, steps=[60, 80], warmup_iters=10, warmup_factor=0.01, gamma=0.1)
+    # detectron2 WarmupMultiStepLR: linear warmup factor*(1-a)+a, a = it/warmup; gamma^(#milestones <= it)
+    assert lr_factor(0, cfg) == pytest.approx(0.01)
+    assert lr_factor(5, cfg) == pytest.approx(0.01 * 0.5 + 0.5)
+    assert lr_factor(10, cfg) == pytest.approx(1.0)
+    assert lr_factor(59, cfg) == pytest.approx(1.0)
+    assert lr_factor(60, cfg) == pytest.approx(0.1)
+    assert lr_factor(80, cfg) == pytest.approx(0.01)
+
+
+def test_scheduler_steps_the_optimizer_lr_per_iteration():
+    cfg = SolverConfig(base_lr=2e-3, max_iter=20, steps=[10], warmup_iters=4, warmup_factor=0.25, gamma=0.5)
+    model = torch.nn.Linear(3, 2)
+    opt = build_optimizer(model, cfg)
+    sched = build_lr_scheduler(opt, cfg)
+    seen = []
+    for _ in range(12):
+        seen.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    expected = [2e-3 * lr_factor(i, cfg) for i in range(12)]
+    assert seen == pytest.approx(expected)
+    assert isinstance(opt, torch.optim.AdamW)
+    assert opt.param_groups[0]["weight_decay"] == cfg.weight_decay
+
+
+def test_backbone_multiplier_and_frozen_params():
+    class M(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.backbone = torch.nn.Linear(2, 2)
+            self.head = torch.nn.Linear(2, 2)
+            self.frozen = torch.nn.Linear(2, 2)
+            self.frozen.requires_grad_(False)
+
+    cfg = SolverConfig(base_lr=1e-3, backbone_lr_multiplier=0.1)
+    opt = build_optimizer(M(), cfg)
+    lrs = sorted(g["lr"] for g in opt.param_groups)
+    assert lrs == pytest.approx([1e-4, 1e-3])
+    assert sum(len(g["params"]) for g in opt.param_groups) == 4  # frozen layer excluded
+
+
+def test_clip_gradients_full_model_l2():
+    model = torch.nn.Linear(4, 1, bias=False)
+    model.weight.grad = torch.tensor([[3.0, 4.0, 0.0, 0.0]])
+    norm = clip_gradients(model, max_norm=1.0)
+    assert norm == pytest.approx(5.0)
+    assert float(model.weight.grad.norm()) == pytest.approx(1.0, rel=1e-5)
+
+
+def test_checkpoint_round_trip_and_corruption(tmp_path):
+    write_checkpoint(tmp_path, {"model": {"w": torch.arange(3.0)}, "iteration": 7}, "name: x\n")
+    state = read_state(tmp_path)
+    assert state["iteration"] == 7 and torch.equal(state["model"]["w"], torch.arange(3.0))
+    (tmp_path / "state.pt").write_bytes((tmp_path / "state.pt").read_bytes()[:50])
+    with pytest.raises(CheckpointError, match="corrupt or truncated"):
+        read_state(tmp_path)
+    with pytest.raises(CheckpointError, match="no state.pt"):
+        read_state(tmp_path / "missing")
+
+
+def test_tracking_uri_resolution(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert resolve_tracking_uri(None, tmp_path) == f"sqlite:///{tmp_path.resolve()}/mlruns/mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://tracking.example:5000")
+    assert resolve_tracking_uri(None, tmp_path) == "http://tracking.example:5000"
+    assert resolve_tracking_uri("sqlite:////abs/db.sqlite", tmp_path) == "sqlite:////abs/db.sqlite"
+    monkeypatch.chdir(tmp_path)
+    assert resolve_tracking_uri("sqlite:///rel.db", "/elsewhere") == f"sqlite:///{tmp_path.resolve()}/rel.db"
+
+
+def test_unreachable_tracking_server_is_a_clear_error():
+    with pytest.raises(TrackingError, match="unreachable"):
+        check_tracking_uri("http://127.0.0.1:9", timeout_s=2)
+    with pytest.raises(TrackingError, match="file store"):
+        check_tracking_uri("file:///tmp/mlruns")
+
+
+def test_run_is_resumed_by_key_and_metrics_are_logged(tmp_path):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    run, resumed = start_or_resume_run(uri, "exp", "demo", run_key="runs/demo")
+    assert not resumed
+    run.log_params({"model.head.num_proposals": 100})
+    run.log_metrics({"train/loss": 2.5, "train/bad": math.nan, "note": "text"}, step=10)
+    again, resumed = start_or_resume_run(uri, "exp", "demo", run_key="runs/demo")
+    assert resumed and again.run_id == run.run_id
+    again.log_params({"model.head.num_proposals": 100, "extra": 1})  # existing params are kept, not re-logged
+    again.log_metrics({"train/loss": 1.5}, step=20)
+    data = again.client.get_run(run.run_id).data
+    assert data.params == {"model.head.num_proposals": "100", "extra": "1"}
+    assert again.metric_history("train/loss") == [(10, 2.5), (20, 1.5)]
+    assert "train/bad" not in data.metrics and "note" not in data.metrics
+    other, resumed = start_or_resume_run(uri, "exp", "demo", run_key="runs/other")
+    assert not resumed and other.run_id != run.run_id
