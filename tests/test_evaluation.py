@@ -21,6 +21,7 @@ from pycocotools.cocoeval import COCOeval
 
 from diffusioninst.config.schema import EvalConfig
 from diffusioninst.evaluation import (
+    EvalResult,
     Evaluator,
     build_evaluator,
     flat_metrics,
@@ -254,6 +255,11 @@ def test_ap_tables_and_metric_names(coco_data, tmp_path):
     doc = json.loads(paths["ap_table.json"].read_text(), parse_constant=lambda c: pytest.fail(f"non-strict {c}"))
     assert doc["results"]["4"]["stats"]["segm"]["AR100"] == pytest.approx(results[4]["segm"]["AR100"])
     assert len(doc["rows"]) == 4 and doc["ap_columns"] == list(COCO_NAMES[:6])
+    back = EvalResult.from_dict(doc["results"]["1"])  # JSON round trip (null -> NaN)
+    assert back.image_ids == results[1].image_ids and back.tasks == results[1].tasks
+    for task in back.tasks:
+        for name in COCO_NAMES:
+            assert_close(back[task][name], results[1][task][name], name)
 
     with paths["per_category_ap.csv"].open() as f:
         cats = list(csv.DictReader(f))
@@ -278,3 +284,6 @@ def test_eval_config_defaults_and_builder(coco_data):
     cfg.backend, cfg.tasks = "faster_coco_eval", ["segm"]
     ev = build_evaluator(path, cfg, category_ids=CAT_IDS)
     assert ev.backend == "faster_coco_eval" and ev.tasks == ("segm",)
+    assert EvalConfig(coco_max_dets=[100, 10, 1]).check() == [
+        ("eval.coco_max_dets", "must be three increasing values, got [100, 10, 1]")
+    ]

@@ -276,7 +276,10 @@ def _positive_area(results: list[dict], task: str) -> tuple[list[dict], int]:
     if task == "bbox":
         areas = np.array([r["bbox"][2] * r["bbox"][3] for r in results], np.float64)
     else:
-        areas = mask_util.area([r["segmentation"] for r in results]).astype(np.float64)
+        rles = [r["segmentation"] for r in results]
+        # pycocotools 2.0.11 + numpy 2: area() of more than 255 RLEs at once raises OverflowError (a uint8 temp)
+        areas = np.concatenate([mask_util.area(rles[i : i + 255]) for i in range(0, len(rles), 255)])
+        areas = areas.astype(np.float64)
     keep = (areas > 0) & np.isfinite(areas)
     return [r for r, k in zip(results, keep) if k], int((~keep).sum())
 
