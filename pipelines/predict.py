@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     from diffusioninst.engine.checkpoint import CheckpointError
     from diffusioninst.engine.predictor import Predictor, load_model
     from diffusioninst.engine.visualize import draw_overlay
-    from diffusioninst.evaluation import results_to_coco
+    from diffusioninst.evaluation import instances_to_coco_results
 
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
     try:
@@ -86,7 +86,9 @@ def main(argv: list[str] | None = None) -> int:
             draw_overlay(img, res, class_names, args.score_threshold).save(out / f"{f.stem}.png")
             keep = res["scores"] >= args.min_score
             res = {key: v[keep] for key, v in res.items()}
-            for r in results_to_coco(start + k, res, list(range(len(class_names) or 1_000_000))):
+            for r in instances_to_coco_results(
+                start + k, res, list(range(len(class_names) or int(res["labels"].max()) + 1))
+            ):
                 records.append(
                     {"file_name": f.name, **r, "category_name": class_names[r["category_id"]] if class_names else None}
                 )

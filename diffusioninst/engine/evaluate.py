@@ -57,7 +57,7 @@ def predict_split(
     step count get the same noise per image (paired comparisons).
     """
     from diffusioninst.data import collate
-    from diffusioninst.evaluation import results_to_coco
+    from diffusioninst.evaluation import instances_to_coco_results
     from diffusioninst.model import GeneratorNoise, postprocess
 
     model.eval()
@@ -80,7 +80,11 @@ def predict_split(
                     output_size=tuple(batch.orig_sizes[i].tolist()),
                     mask_threshold=sampler.mask_threshold,
                 )
-                out[key].extend(results_to_coco(batch.image_ids[i], result, category_ids))
+                out[key].extend(
+                    instances_to_coco_results(
+                        batch.image_ids[i], result, category_ids, image_size=tuple(batch.orig_sizes[i].tolist())
+                    )
+                )
         done = min(start + bs, len(indices))
         if progress_every and (done // bs) % progress_every == 0:
             rate = done / (time.perf_counter() - t0)
@@ -88,15 +92,19 @@ def predict_split(
     return out
 
 
-def score(gt: Any, kind: str, cfg: ExperimentConfig, image_ids: list[int], parts: list[list[dict]]) -> Any:
-    """Run the COCO/LVIS evaluator on the gathered results of one setting."""
-    from diffusioninst.evaluation import Evaluator
+def score_all(
+    gt: Any, cfg: ExperimentConfig, category_ids: list[int], image_ids: list[int], results: dict[Hashable, list[dict]]
+) -> dict[Hashable, Any]:
+    """One COCO/LVIS evaluation per setting over the same images (the GT is parsed once and shared)."""
+    from diffusioninst.evaluation import build_evaluator
 
-    evaluator = Evaluator(gt, kind=kind, tasks=tuple(cfg.eval.tasks), backend=cfg.eval.backend)
-    evaluator.set_image_ids(image_ids)
-    for part in parts:
-        evaluator.add_coco_results(part)
-    return evaluator.compute()
+    scored: dict[Hashable, Any] = {}
+    for key, dets in results.items():
+        evaluator = build_evaluator(gt, cfg.eval, category_ids)
+        gt = evaluator.gt
+        evaluator.add_coco_results(dets, image_ids=image_ids)
+        scored[key] = evaluator.compute()
+    return scored
 
 
 def evaluate_model(
@@ -139,7 +147,8 @@ def evaluate_model(
     if rank != 0:
         return None
     image_ids = [dataset.image_id(i) for i in range(n)]
-    results = {s: score(info.gt, info.kind, cfg, image_ids, [part[s] for part in gathered or []]) for s in steps}
+    merged = {s: [r for part in gathered or [] for r in part[s]] for s in steps}
+    results = score_all(info.gt, cfg, info.category_ids, image_ids, merged)
     files = write_ap_tables(results, out_dir, info.kind) if out_dir is not None else {}
     return EvalOutcome(
         results=results,
