@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
             draw_overlay(img, res, class_names, args.score_threshold).save(out / f"{f.stem}.png")
             keep = res["scores"] >= args.min_score
             res = {key: v[keep] for key, v in res.items()}
-            for r in instances_to_coco_results(
+            for r in instances_to_coco_results(start + k, res, list(range(cfg.model.head.num_classes))):
                 start + k, res, list(range(len(class_names) or int(res["labels"].max()) + 1))
             ):
                 records.append(
