@@ -87,8 +87,6 @@ def main(argv: list[str] | None = None) -> int:
             keep = res["scores"] >= args.min_score
             res = {key: v[keep] for key, v in res.items()}
             for r in instances_to_coco_results(start + k, res, list(range(cfg.model.head.num_classes))):
-                start + k, res, list(range(len(class_names) or int(res["labels"].max()) + 1))
-            ):
                 records.append(
                     {"file_name": f.name, **r, "category_name": class_names[r["category_id"]] if class_names else None}
                 )
