@@ -34,7 +34,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 STATE_FILE = "cluster.json"
@@ -44,17 +44,21 @@ TOKEN_FILE = "auth_token"
 MAX_TEMP_DIR_CHARS = 40
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
-_PORT_NAMES = (
-    "gcs",
-    "dashboard",
-    "client_server",
-    "node_manager",
-    "object_manager",
-    "dashboard_agent_listen",
-    "dashboard_agent_grpc",
-    "runtime_env_agent",
-    "metrics_export",
-)
+# `ray start` flag of every port we choose (all explicit, so two local clusters never collide).
+PORT_FLAGS = {
+    "gcs": "--port",
+    "dashboard": "--dashboard-port",
+    "client_server": "--ray-client-server-port",
+    "node_manager": "--node-manager-port",
+    "object_manager": "--object-manager-port",
+    "dashboard_agent_listen": "--dashboard-agent-listen-port",
+    "dashboard_agent_grpc": "--dashboard-agent-grpc-port",
+    "runtime_env_agent": "--runtime-env-agent-port",
+    "metrics_export": "--metrics-export-port",
+    "min_worker": "--min-worker-port",
+    "max_worker": "--max-worker-port",
+}
+_SINGLE_PORTS = [name for name in PORT_FLAGS if name not in ("min_worker", "max_worker")]
 
 
 @dataclass
@@ -66,7 +70,6 @@ class LocalCluster:
     ports: dict[str, int]
     session_id: int = 0
     ray_bin: str = ""
-    path_prefix: list[str] = field(default_factory=list)
 
     @property
     def token_path(self) -> Path:
@@ -186,15 +189,15 @@ def start(
         )
     root.mkdir(parents=True, exist_ok=True)
     state_path = root / STATE_FILE
-    if state_path.exists() and _alive(_load_state(root)):
+    if state_path.exists() and _alive(load(root)):
         raise RuntimeError(f"a local cluster from {root} is still running; stop it first")
 
     ray_bin = _ray_executable()
-    ports = dict(zip(_PORT_NAMES, free_ports(len(_PORT_NAMES), host)))
+    ports = dict(zip(_SINGLE_PORTS, free_ports(len(_SINGLE_PORTS), host)))
     lo, hi = free_port_range(worker_ports, exclude=list(ports.values()))
     ports.update(min_worker=lo, max_worker=hi)
     bindir = str(Path(sys.executable).parent)
-    cluster = LocalCluster(root=str(root), host=host, ports=ports, ray_bin=ray_bin, path_prefix=[bindir])
+    cluster = LocalCluster(root=str(root), host=host, ports=ports, ray_bin=ray_bin)
 
     fd = os.open(cluster.token_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as f:
@@ -231,19 +234,7 @@ def ray_start_command(
     ports = cluster.ports
     cmd = [cluster.ray_bin or "ray", "start", "--head", "--node-ip-address", cluster.host]
     cmd += ["--dashboard-host", cluster.host, "--include-dashboard=true"]
-    for name, flag in (
-        ("gcs", "--port"),
-        ("dashboard", "--dashboard-port"),
-        ("client_server", "--ray-client-server-port"),
-        ("node_manager", "--node-manager-port"),
-        ("object_manager", "--object-manager-port"),
-        ("dashboard_agent_listen", "--dashboard-agent-listen-port"),
-        ("dashboard_agent_grpc", "--dashboard-agent-grpc-port"),
-        ("runtime_env_agent", "--runtime-env-agent-port"),
-        ("metrics_export", "--metrics-export-port"),
-        ("min_worker", "--min-worker-port"),
-        ("max_worker", "--max-worker-port"),
-    ):
+    for name, flag in PORT_FLAGS.items():
         cmd += [flag, str(ports[name])]
     cmd += ["--temp-dir", str(cluster.temp_dir), "--disable-usage-stats"]
     if num_cpus is not None:
@@ -280,16 +271,12 @@ def _save_state(cluster: LocalCluster) -> None:
     path.write_text(json.dumps(asdict(cluster), indent=2) + "\n")
 
 
-def _load_state(root: str | Path) -> LocalCluster:
+def load(root: str | Path) -> LocalCluster:
+    """The cluster started in ``root`` (from its ``cluster.json``)."""
     path = Path(root) / STATE_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no local cluster state here (was it started with --dir {root}?)")
     return LocalCluster(**json.loads(path.read_text()))
-
-
-def load(root: str | Path) -> LocalCluster:
-    """The cluster started in ``root`` (from its ``cluster.json``)."""
-    return _load_state(root)
 
 
 # --------------------------------------------------------------------------------------------- processes
@@ -322,10 +309,16 @@ def _process_table() -> dict[int, tuple[int, int, str]]:
 
 
 def cluster_processes(cluster: LocalCluster) -> list[int]:
-    """Live pids of this cluster: its ``ray start`` session and every descendant (zombies excluded)."""
+    """Live pids of this cluster: its ``ray start`` session and every descendant (zombies excluded).
+
+    Guard against a reused session id (stale state file): the session counts as ours only while one of its
+    members names ``cluster.root`` on its command line (the GCS, raylet and dashboard all do).
+    """
     table = _process_table()
     live = {pid: v for pid, v in table.items() if v[2] != "Z"}
     members = {pid for pid, (_, sid, _) in live.items() if sid == cluster.session_id}
+    if not any(cluster.root + os.sep in _cmdline(pid) for pid in members):
+        return []
     children: dict[int, list[int]] = {}
     for pid, (ppid, _, _) in live.items():
         children.setdefault(ppid, []).append(pid)
@@ -347,7 +340,11 @@ def _cmdline(pid: int) -> str:
     try:
         return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
     except OSError:
+        pass
+    if Path("/proc/self").exists():
         return ""
+    out = subprocess.run(["ps", "-p", str(pid), "-o", "command="], capture_output=True, text=True)
+    return out.stdout.strip()
 
 
 def stop(root: str | Path, grace: float = 10.0) -> list[int]:
@@ -356,15 +353,16 @@ def stop(root: str | Path, grace: float = 10.0) -> list[int]:
     Order as ``ray stop`` uses, but restricted to our pids: raylet first (its workers and agents follow),
     then everything else, then the GCS. SIGTERM, ``grace`` seconds, then SIGKILL.
     """
-    cluster = _load_state(root)
+    cluster = load(root)
     if cluster.session_id <= 0:
         return []
+    # Snapshot while the tree is intact: once a job supervisor dies, its driver is re-parented and unlinked.
+    initial = cluster_processes(cluster)
     signalled: list[int] = []
     for bucket in ("raylet", "other", "gcs_server"):
-        pids = [p for p in cluster_processes(cluster) if _bucket(_cmdline(p)) == bucket]
-        signalled += _terminate(pids, grace)
-    # Stragglers (e.g. processes forked while we were stopping).
-    signalled += _terminate(cluster_processes(cluster), grace)
+        signalled += _terminate([p for p in initial if _bucket(_cmdline(p)) == bucket], grace)
+    # Stragglers forked while we were stopping.
+    signalled += _terminate([p for p in cluster_processes(cluster) if p not in signalled], grace)
     return sorted(set(signalled))
 
 

@@ -417,9 +417,7 @@ def test_local_cluster_command_binds_loopback_with_explicit_ports(tmp_path):
     cluster = local_cluster.LocalCluster(
         root="/tmp/diray-test",
         host="127.0.0.1",
-        ports=dict(
-            zip([*local_cluster._PORT_NAMES, "min_worker", "max_worker"], range(30000, 30011)),
-        ),
+        ports=dict(zip(local_cluster.PORT_FLAGS, range(30000, 30011))),
         ray_bin="ray",
     )
     cmd = local_cluster.ray_start_command(cluster, num_cpus=2)
@@ -451,14 +449,28 @@ def test_free_ports_are_distinct_and_bindable():
     assert hi - lo == 19 and not set(range(lo, hi + 1)) & set(ports)
 
 
-def test_stop_ends_the_session_and_its_detached_descendants_only(tmp_path):
-    """The shape of a Ray head: a session leader's tree, plus a job driver in a session of its own."""
-    child = (
+def _fake_head(root: Path) -> subprocess.Popen:
+    """The shape of a Ray head: a session leader naming the cluster dir, plus a child in a session of its own
+    (as job drivers are)."""
+    code = (
         "import subprocess, sys, time; "
         "subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'], start_new_session=True); "
         "time.sleep(60)"
     )
-    leader = subprocess.Popen([sys.executable, "-c", child], start_new_session=True)
+    return subprocess.Popen(
+        [sys.executable, "-c", code, f"--log_dir={root}/ray/session_x/logs"], start_new_session=True
+    )
+
+
+def _kill(*procs: subprocess.Popen) -> None:
+    for p in procs:
+        if p.poll() is None:
+            os.kill(p.pid, signal.SIGKILL)
+            p.wait()
+
+
+def test_stop_ends_the_session_and_its_detached_descendants_only(tmp_path):
+    leader = _fake_head(tmp_path)
     bystander = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], start_new_session=True)
     try:
         cluster = local_cluster.LocalCluster(root=str(tmp_path), host="127.0.0.1", ports={}, session_id=leader.pid)
@@ -475,10 +487,21 @@ def test_stop_ends_the_session_and_its_detached_descendants_only(tmp_path):
         assert local_cluster.cluster_processes(cluster) == []
         assert bystander.poll() is None  # not ours to stop
     finally:
-        for p in (leader, bystander):
-            if p.poll() is None:
-                os.kill(p.pid, signal.SIGKILL)
-                p.wait()
+        _kill(leader, bystander)
+
+
+def test_stop_leaves_a_session_that_does_not_name_the_cluster_dir(tmp_path):
+    """A stale state file whose session id now belongs to someone else's processes: nothing is touched."""
+    other = _fake_head(Path("/nonexistent/other-cluster"))
+    try:
+        cluster = local_cluster.LocalCluster(root=str(tmp_path), host="127.0.0.1", ports={}, session_id=other.pid)
+        local_cluster._save_state(cluster)
+        time.sleep(0.3)
+        assert local_cluster.cluster_processes(cluster) == []
+        assert local_cluster.stop(tmp_path, grace=1) == []
+        assert other.poll() is None
+    finally:
+        _kill(other)
 
 
 # --------------------------------------------------------------------------------------------- docs
