@@ -1,0 +1,1 @@
+"""Datasets: COCO/LVIS readers, synthetic generator, transforms, loaders and Ray Data ingest."""
