@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,17 +42,6 @@ class LoadedDataset:
     meta: DatasetMeta
     report: CheckReport
     data: dict[str, Any]  # the validated (and, under skip, cleaned) JSON dict
-
-    def write_clean_json(self, path: str | Path) -> Path:
-        """Write the cleaned GT (only the images/annotations that were kept) for an evaluator."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        kept = {r.image_id for r in self.records}
-        data = dict(self.data)
-        data["images"] = [img for img in data["images"] if img["id"] in kept]
-        data["annotations"] = [a for a in data["annotations"] if a["image_id"] in kept]
-        path.write_text(json.dumps(data))
-        return path
 
 
 def coco_file_name(img: dict, images_dir: Path) -> Path:
