@@ -17,7 +17,7 @@ from diffusioninst.config.schema import AugmentationConfig
 from diffusioninst.data.image_io import ImageDecodeError, decode_image, read_image
 from diffusioninst.data.records import ImageRecord
 from diffusioninst.data.sampling import augmentation_seed
-from diffusioninst.data.transforms import test_image, train_sample
+from diffusioninst.data.transforms import eval_image, train_sample
 from diffusioninst.data.validation import CheckReport, Issue, image_where
 from diffusioninst.structures import Batch
 
@@ -111,7 +111,7 @@ class EvalDataset(Dataset):
         image = self.images(index)
         if image.shape[:2] != (rec.height, rec.width):
             raise ValueError(f"{rec.file_name}: decoded size {image.shape[:2]} != annotated {(rec.height, rec.width)}")
-        return test_image(image, self.aug), {"image_id": rec.image_id, "orig_size": (rec.height, rec.width)}
+        return eval_image(image, self.aug), {"image_id": rec.image_id, "orig_size": (rec.height, rec.width)}
 
 
 def collate(samples: Sequence[tuple[torch.Tensor, dict]], size_divisibility: int = 32) -> Batch:

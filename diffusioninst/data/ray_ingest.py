@@ -36,7 +36,7 @@ from diffusioninst.data.image_io import decode_image
 from diffusioninst.data.parquet import batch_rows, row_to_record
 from diffusioninst.data.ray_tasks import class_repeat_factors, drop_empty_batch, encode_payload_batch, repeat_rows_batch
 from diffusioninst.data.sampling import augmentation_seed
-from diffusioninst.data.transforms import test_image, train_sample
+from diffusioninst.data.transforms import eval_image, train_sample
 from diffusioninst.structures import Batch
 
 
@@ -121,7 +121,7 @@ class RayEvalCollate(NumpyBatchCollateFn):
         for row in batch_rows(batch):
             image = decode_image(bytes(row["image"]), str(row["file_name"]))
             meta = {"image_id": int(row["image_id"]), "orig_size": (int(row["height"]), int(row["width"]))}
-            samples.append((test_image(image, self.aug), meta))
+            samples.append((eval_image(image, self.aug), meta))
         return collate(samples, self.size_divisibility)
 
 

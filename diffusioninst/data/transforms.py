@@ -120,7 +120,7 @@ def sample_train_ops(aug: AugmentationConfig, h: int, w: int, rng: np.random.Gen
     return ops
 
 
-def test_ops(aug: AugmentationConfig, h: int, w: int) -> list[Op]:
+def eval_ops(aug: AugmentationConfig, h: int, w: int) -> list[Op]:
     nh, nw = shortest_edge_size(h, w, aug.min_size_test, aug.max_size_test)
     return [Resize(h, w, nh, nw)]
 
@@ -294,6 +294,6 @@ def train_sample(
     return to_chw_tensor(apply_image(image, ops, aug.resize_backend)), out
 
 
-def test_image(image: np.ndarray, aug: AugmentationConfig) -> torch.Tensor:
+def eval_image(image: np.ndarray, aug: AugmentationConfig) -> torch.Tensor:
     """uint8 [H, W, 3] -> uint8 [3, h, w] resized for inference (shortest edge ``min_size_test``)."""
-    return to_chw_tensor(apply_image(image, test_ops(aug, *image.shape[:2]), aug.resize_backend))
+    return to_chw_tensor(apply_image(image, eval_ops(aug, *image.shape[:2]), aug.resize_backend))

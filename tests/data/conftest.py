@@ -29,3 +29,30 @@ def pytest_collection_modifyitems(items):
     for item in items:
         if "tests/data/" in str(item.fspath).replace("\\", "/"):
             item.add_marker(pytest.mark.filterwarnings(PYCOCOTOOLS_NUMPY2_WARNING))
+
+
+def small_experiment(root, *overrides: str):
+    """An ExperimentConfig on a small synthetic dataset cached under ``root`` (small images, small resizes)."""
+    from diffusioninst.config import ExperimentConfig, load_config
+
+    base = [
+        "data.format=synthetic",
+        f"data.synthetic.root={root}",
+        "data.synthetic.num_train=24",
+        "data.synthetic.num_val=8",
+        "data.synthetic.image_size=[96,128]",
+        "data.synthetic.min_object_size=10",
+        "data.synthetic.max_object_size=80",
+        "data.synthetic.seed=3",
+        "data.augmentation.min_size_train=[96,112,128]",
+        "data.augmentation.max_size_train=220",
+        "data.augmentation.crop_resize=[100,120]",
+        "data.augmentation.crop_size=[60,90]",
+        "data.augmentation.min_size_test=112",
+        "data.augmentation.max_size_test=200",
+        "data.decode_workers=0",
+        "solver.ims_per_batch=4",
+        "model.head.num_classes=4",
+        f"output_dir={root}/outputs",
+    ]
+    return load_config(ExperimentConfig, None, base + list(overrides))
