@@ -62,6 +62,12 @@ def _fingerprint(*parts: Any) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:20]
 
 
+def shard_fingerprint(run_fingerprint: str, image_ids: list[int]) -> str:
+    """Identity of one shard: the run's fingerprint (inputs + settings, ``manifest["fingerprint"]``) and the
+    ids of its images. A staged shard whose marker carries it is reused by a resumed run."""
+    return _fingerprint(run_fingerprint, list(image_ids))
+
+
 # ----------------------------------------------------------------------------------------------
 # Ray Data task bodies (module-level so they pickle by reference)
 
@@ -230,7 +236,7 @@ def preprocess(
     chunks = [records[i : i + shard_size] for i in range(0, len(records), shard_size)] or [[]]
     tasks, shards = [], []
     for k, chunk in enumerate(chunks):
-        fp = _fingerprint(run_fp, [r.image_id for r in chunk])
+        fp = shard_fingerprint(run_fp, [r.image_id for r in chunk])
         marker = staging / f"part-{k:05d}.done.json"
         done = json.loads(marker.read_text()) if marker.is_file() else None
         if done is None or done.get("fingerprint") != fp or not (staging / done["file"]).is_file():

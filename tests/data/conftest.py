@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
+from PIL import Image
 
 from diffusioninst.config.schema import SyntheticConfig
 from diffusioninst.data.synthetic import generate
@@ -56,3 +58,37 @@ def small_experiment(root, *overrides: str):
         f"output_dir={root}/outputs",
     ]
     return load_config(ExperimentConfig, None, base + list(overrides))
+
+
+H, W = 24, 32
+GOOD_POLY = [[2, 2, 20, 2, 20, 18, 2, 18]]
+
+
+def _ann(aid, iid, cat=1, bbox=(2, 2, 18, 16), seg=None):
+    return {"id": aid, "image_id": iid, "category_id": cat, "bbox": list(bbox), "area": 288.0, "iscrowd": 0,
+            "segmentation": GOOD_POLY if seg is None else seg}  # fmt: skip
+
+
+def _upright(seed=0) -> Image.Image:
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 255, (H, W, 3), dtype=np.uint8))
+
+
+def make_dataset(tmp_path):
+    """Images 1-6 valid (RGB, grayscale, CMYK, RGBA PNG, EXIF-rotated JPEG, RGB), one annotation each."""
+    d = tmp_path / "images"
+    d.mkdir()
+    _upright(1).save(d / "rgb.jpg")
+    _upright(2).convert("L").save(d / "gray.jpg")
+    _upright(3).convert("CMYK").save(d / "cmyk.jpg")
+    _upright(4).convert("RGBA").save(d / "rgba.png")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored rotated: displayed = stored turned 90 degrees clockwise
+    _upright(5).transpose(Image.Transpose.ROTATE_90).save(d / "exif.jpg", exif=exif)
+    _upright(6).save(d / "rgb2.jpg")
+    names = ["rgb.jpg", "gray.jpg", "cmyk.jpg", "rgba.png", "exif.jpg", "rgb2.jpg"]
+    data = {
+        "images": [{"id": i + 1, "file_name": n, "height": H, "width": W} for i, n in enumerate(names)],
+        "annotations": [_ann(100 + i, i + 1) for i in range(6)],
+        "categories": [{"id": 1, "name": "thing"}],
+    }
+    return data, d
