@@ -9,8 +9,19 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import cv2
 import numpy as np
 from pycocotools import mask as mask_utils
+
+
+def _to_c_order(fortran_hw: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """C-contiguous copy of a Fortran-ordered [h, w] mask (pycocotools' layout). ``cv2.transpose`` of the
+    C-contiguous [w, h] view is ~10x faster than numpy's strided copy; ``out`` (C-contiguous uint8 [h, w])
+    receives the result when given."""
+    if out is None:
+        out = np.empty(fortran_hw.shape, np.uint8)
+    cv2.transpose(fortran_hw.T, out)
+    return out
 
 
 def _as_bytes_rle(rle: dict) -> dict:
@@ -28,11 +39,17 @@ def polygons_to_rle(polygons: Sequence[Sequence[float] | np.ndarray], height: in
     return mask_utils.merge(rles)
 
 
-def polygons_to_mask(polygons: Sequence[Sequence[float] | np.ndarray], height: int, width: int) -> np.ndarray:
-    """uint8 [h, w] mask of the union of ``polygons``, exactly as ``COCO.annToMask`` rasterises them."""
+def polygons_to_mask(
+    polygons: Sequence[Sequence[float] | np.ndarray], height: int, width: int, out: np.ndarray | None = None
+) -> np.ndarray:
+    """uint8 [h, w] (C-contiguous) mask of the union of ``polygons``, exactly as ``COCO.annToMask`` rasterises
+    them; written into ``out`` when given."""
     if len(polygons) == 0:
-        return np.zeros((height, width), np.uint8)
-    return mask_utils.decode(polygons_to_rle(polygons, height, width))
+        if out is None:
+            return np.zeros((height, width), np.uint8)
+        out[...] = 0
+        return out
+    return _to_c_order(mask_utils.decode(polygons_to_rle(polygons, height, width)), out)
 
 
 def segmentation_to_rle(segmentation: list | dict, height: int, width: int) -> dict:
@@ -55,10 +72,13 @@ def rle_to_mask(rle: dict) -> np.ndarray:
 
 def rles_to_masks(rles: Sequence[dict], height: int, width: int) -> np.ndarray:
     """uint8 [G, h, w] masks of G compressed RLEs of size (h, w) (one decode call for all of them)."""
+    out = np.empty((len(rles), height, width), np.uint8)
     if len(rles) == 0:
-        return np.zeros((0, height, width), np.uint8)
+        return out
     decoded = mask_utils.decode([_as_bytes_rle(r) for r in rles])  # [h, w, G], Fortran order
-    return np.ascontiguousarray(decoded.transpose(2, 0, 1))
+    for g in range(len(rles)):
+        _to_c_order(decoded[:, :, g], out[g])
+    return out
 
 
 def mask_to_rle(mask: np.ndarray) -> dict:

@@ -219,10 +219,8 @@ def apply_polygons(polygons: Sequence[np.ndarray], ops: Sequence[Op]) -> list[np
 def _resize_nearest(masks: np.ndarray, out_h: int, out_w: int) -> np.ndarray:
     """uint8 [G, h, w] -> [G, out_h, out_w], nearest with PIL's pixel-centre rule (INTER_NEAREST_EXACT)."""
     out = np.empty((masks.shape[0], out_h, out_w), np.uint8)
-    for s in range(0, masks.shape[0], 256):  # cv2 takes at most 512 channels
-        chunk = np.ascontiguousarray(masks[s : s + 256].transpose(1, 2, 0))
-        res = cv2.resize(chunk, (out_w, out_h), interpolation=cv2.INTER_NEAREST_EXACT)
-        out[s : s + 256] = res.reshape(out_h, out_w, -1).transpose(2, 0, 1)
+    for g in range(masks.shape[0]):
+        cv2.resize(masks[g], (out_w, out_h), out[g], interpolation=cv2.INTER_NEAREST_EXACT)
     return out
 
 
@@ -253,20 +251,23 @@ def transform_instances(
     rle_idx = [i for i, inst in enumerate(instances) if inst.polygons is None]
     for i, inst in enumerate(instances):
         if inst.polygons is not None:
-            masks[i] = polygons_to_mask(apply_polygons(inst.polygons, ops), h, w)
+            polygons_to_mask(apply_polygons(inst.polygons, ops), h, w, out=masks[i])
     if rle_idx:
         decoded = rles_to_masks([instances[i].rle for i in rle_idx], *in_hw)
         masks[rle_idx] = apply_bitmasks(decoded, ops)
     boxes = apply_boxes(np.array([inst.box_xyxy for inst in instances]).reshape(-1, 4), ops, (h, w))
     labels = np.array([inst.label for inst in instances], np.int64)
     keep = (boxes[:, 2] - boxes[:, 0] > EMPTY_BOX_THRESHOLD) & (boxes[:, 3] - boxes[:, 1] > EMPTY_BOX_THRESHOLD)
-    keep &= masks.reshape(g, -1).any(1)
+    keep &= masks.reshape(g, -1).max(1, initial=0) > 0
     return {"boxes": boxes[keep].astype(np.float32), "labels": labels[keep], "masks": masks[keep]}
 
 
 def to_chw_tensor(image: np.ndarray) -> torch.Tensor:
-    """uint8 [h, w, 3] (any strides) -> contiguous uint8 tensor [3, h, w]."""
-    return torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))
+    """uint8 [h, w, 3] (any strides) -> contiguous uint8 tensor [3, h, w] (``cv2.split`` into the planes: several
+    times faster than a strided numpy transpose)."""
+    out = np.empty((3, *image.shape[:2]), np.uint8)
+    cv2.split(image, [out[0], out[1], out[2]])
+    return torch.from_numpy(out)
 
 
 def train_sample(
