@@ -72,7 +72,8 @@ def check_files_of(
             report.extend(check_image_file(path, iid, img["height"], img["width"], where)[0])
 
 
-def _quiet_coco(data: dict):
+def coco_api(data: dict):
+    """A ``pycocotools.coco.COCO`` index over an already loaded (and validated) dict, without the progress prints."""
     from pycocotools.coco import COCO
 
     api = COCO()
@@ -195,6 +196,6 @@ def read_coco(
     images_dir = Path(images_dir)
     data, report = validated(annotations, images_dir, coco_file_name, on_bad_record, check_files)
     data = take_first(data, max_images)
-    api = _quiet_coco(data)
+    api = coco_api(data)
     records = build_records(api, data, images_dir, coco_file_name, api.annToRLE)
     return LoadedDataset(records, build_meta(data, "coco", str(annotations), records), report, data)

@@ -161,9 +161,9 @@ def _api(fmt: str, data: dict):
 
         api = lvis_api(data)
         return api, api.ann_to_rle
-    from diffusioninst.data.coco import _quiet_coco
+    from diffusioninst.data.coco import coco_api
 
-    api = _quiet_coco(data)
+    api = coco_api(data)
     return api, api.annToRLE
 
 
@@ -238,11 +238,7 @@ def preprocess(
     report = CheckReport(str(annotations))
     report.extend(check_annotations(data, str(annotations)).issues)
     reencode, digests = _inspect(data, images, fmt, report, 4 * workers)
-    real = [i for i in report.issues if i.reason != "annotation_of_skipped_image"]
-    if on_bad_record == "error" and real:
-        from diffusioninst.data.validation import DatasetError
-
-        raise DatasetError(str(annotations), real)
+    report.enforce(on_bad_record)  # under "error": one DatasetError listing everything, before any write
     clean = apply_skips(data, report)
     if report.issues:
         log(format_issues(f"{annotations} (skipped)", report.issues, limit=20))

@@ -238,7 +238,7 @@ def apply_bitmasks(masks: np.ndarray, ops: Sequence[Op]) -> np.ndarray:
 
 def transform_instances(
     instances: Sequence[Instance], ops: Sequence[Op], in_hw: tuple[int, int]
-) -> dict[str, np.ndarray]:
+) -> dict[str, torch.Tensor]:
     """Targets of ``instances`` (original frame, size ``in_hw``) in the output frame of ``ops``.
 
     Returns:
@@ -247,7 +247,8 @@ def transform_instances(
     """
     h, w = output_size(ops, *in_hw)
     g = len(instances)
-    masks = np.zeros((g, h, w), np.uint8)
+    masks_t = torch.empty((g, h, w), dtype=torch.uint8)
+    masks = masks_t.numpy()  # every slot is fully written below
     rle_idx = [i for i, inst in enumerate(instances) if inst.polygons is None]
     for i, inst in enumerate(instances):
         if inst.polygons is not None:
@@ -259,15 +260,22 @@ def transform_instances(
     labels = np.array([inst.label for inst in instances], np.int64)
     keep = (boxes[:, 2] - boxes[:, 0] > EMPTY_BOX_THRESHOLD) & (boxes[:, 3] - boxes[:, 1] > EMPTY_BOX_THRESHOLD)
     keep &= masks.reshape(g, -1).max(1, initial=0) > 0
-    return {"boxes": boxes[keep].astype(np.float32), "labels": labels[keep], "masks": masks[keep]}
+    if not keep.all():
+        masks_t = masks_t[torch.from_numpy(keep)]
+    return {
+        "boxes": torch.from_numpy(boxes[keep].astype(np.float32)),
+        "labels": torch.from_numpy(labels[keep]),
+        "masks": masks_t,
+    }
 
 
 def to_chw_tensor(image: np.ndarray) -> torch.Tensor:
     """uint8 [h, w, 3] (any strides) -> contiguous uint8 tensor [3, h, w] (``cv2.split`` into the planes: several
     times faster than a strided numpy transpose)."""
-    out = np.empty((3, *image.shape[:2]), np.uint8)
-    cv2.split(image, [out[0], out[1], out[2]])
-    return torch.from_numpy(out)
+    out = torch.empty((3, *image.shape[:2]), dtype=torch.uint8)
+    planes = out.numpy()
+    cv2.split(image, [planes[0], planes[1], planes[2]])
+    return out
 
 
 def train_sample(
@@ -289,8 +297,7 @@ def train_sample(
             f"{record.file_name}: decoded size {in_hw[0]}x{in_hw[1]} != annotated {record.height}x{record.width}"
         )
     ops = sample_train_ops(aug, *in_hw, rng)
-    target = transform_instances(record.training_instances(), ops, in_hw)
-    out = {k: torch.from_numpy(v) for k, v in target.items()}
+    out: dict = transform_instances(record.training_instances(), ops, in_hw)
     out.update(image_id=record.image_id, orig_size=(record.height, record.width))
     return to_chw_tensor(apply_image(image, ops, aug.resize_backend)), out
 

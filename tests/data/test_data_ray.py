@@ -117,7 +117,7 @@ def test_preprocess_policies_schema_rerun_and_resume(ray_cluster, tmp_path):
 def test_parquet_split_feeds_local_and_ray_loaders(ray_cluster, tmp_path):
     """The synthetic train split preprocessed to Parquet gives the same records locally and through Ray Data."""
     from diffusioninst.data.loaders import build_train_loader, ensure_dataset, load_split
-    from diffusioninst.data.ray_ingest import RayTrainCollate, build_ray_dataset
+    from diffusioninst.data.ray_ingest import RayEvalCollate, RayTrainCollate, build_ray_dataset
 
     cfg = ensure_dataset(small_experiment(tmp_path))
     preprocess("coco", cfg.data.train.images, cfg.data.train.annotations, tmp_path / "pq", shard_size=10, log=print)
@@ -149,6 +149,12 @@ def test_parquet_split_feeds_local_and_ray_loaders(ray_cluster, tmp_path):
     ray_batch = collate(one)
     assert (ray_batch.images[0, :, : img.shape[1], : img.shape[2]] == img).all()
     assert (ray_batch.targets[0]["masks"] == target["masks"]).all()
+    # eval path: test-time resize (short side 112), no targets, original sizes kept
+    ev = next(iter(build_ray_dataset(pcfg, "val").iter_torch_batches(batch_size=2, collate_fn=RayEvalCollate(
+        pcfg.data.augmentation, 32))))  # fmt: skip
+    assert (
+        ev.targets is None and ev.image_sizes.tolist() == [[112, 149]] * 2 and ev.orig_sizes.tolist() == [[96, 128]] * 2
+    )
 
 
 def test_torch_trainer_ingest_two_workers(ray_cluster, tmp_path):
