@@ -17,8 +17,8 @@ sequences/mappings of tensors) are moved to the device by Ray. :class:`RayTrainC
 
 Augmentation is seeded per sample by ``(seed, epoch, image_id, repeat_index)`` (same rule as the local
 loader), so it does not depend on which worker or thread collates a row. The row order itself comes from
-Ray Data's streaming split (block order reshuffled every epoch with a reproducible seed, plus a local
-shuffle buffer); it is not bit-reproducible across runs, by design of streaming execution.
+Ray Data's streaming split (Parquet file order reshuffled every epoch with a reproducible seed, plus a
+local shuffle buffer); it is not bit-reproducible across runs, by design of streaming execution.
 """
 
 from __future__ import annotations
@@ -28,13 +28,21 @@ import pickle
 from collections.abc import Iterator
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 from ray.data.collate_fn import NumpyBatchCollateFn
 
 from diffusioninst.config.schema import AugmentationConfig, ExperimentConfig
 from diffusioninst.data.dataset import collate
 from diffusioninst.data.image_io import decode_image
 from diffusioninst.data.parquet import batch_rows, row_to_record
-from diffusioninst.data.ray_tasks import class_repeat_factors, drop_empty_batch, encode_payload_batch, repeat_rows_batch
+from diffusioninst.data.ray_tasks import (
+    class_repeat_factors,
+    drop_empty_batch,
+    encode_payload_batch,
+    keep_ids_batch,
+    repeat_rows_batch,
+)
 from diffusioninst.data.sampling import augmentation_seed
 from diffusioninst.data.transforms import eval_image, train_sample
 from diffusioninst.structures import Batch
@@ -58,9 +66,12 @@ def build_ray_dataset(cfg: ExperimentConfig, split: str = "train"):
     if s.parquet is not None:
         # file order reshuffled every epoch (streaming-friendly, unlike a block-order barrier)
         shuffle = ray.data.FileShuffleConfig(seed=cfg.solver.seed, reseed_after_execution=True) if train else None
-        ds = ray.data.read_parquet(shard_paths(s.parquet), shuffle=shuffle)
-        if s.max_images is not None:
-            ds = ds.limit(s.max_images)
+        paths = shard_paths(s.parquet)
+        ds = ray.data.read_parquet(paths, shuffle=shuffle)
+        if s.max_images is not None:  # the N smallest image ids, as every other reader does
+            ids = pa.concat_arrays([pq.read_table(p, columns=["image_id"]).column(0).combine_chunks() for p in paths])
+            keep = sorted(ids.to_pylist())[: s.max_images]
+            ds = ds.map_batches(keep_ids_batch, batch_format="pyarrow", batch_size=None, fn_args=(keep,))
         manifest = read_manifest(s.parquet)
         image_count = [c["image_count"] for c in manifest["categories"]]
         num_images = manifest["counts"]["images"]

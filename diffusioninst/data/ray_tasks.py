@@ -18,6 +18,13 @@ def encode_payload_batch(batch: dict[str, np.ndarray]) -> pa.Table:
     return pa.concat_tables(tables)
 
 
+def keep_ids_batch(table: pa.Table, image_ids: list[int]) -> pa.Table:
+    """Keep the rows whose ``image_id`` is in ``image_ids`` (``data.<split>.max_images`` on Parquet shards)."""
+    import pyarrow.compute as pc
+
+    return table.filter(pc.is_in(table.column("image_id"), value_set=pa.array(image_ids, pa.int64())))
+
+
 def drop_empty_batch(table: pa.Table) -> pa.Table:
     """Keep rows with at least one non-crowd instance (``data.filter_empty``)."""
     keep = [not all(c) for c in table.column("iscrowd").to_pylist()]
