@@ -25,16 +25,16 @@ TARGET_KEYS = ("boxes", "labels", "masks")
 
 
 class ImageStore:
-    """Loads the original RGB image of a record: from an in-memory cache of decoded images (filled up front
-    when the whole split fits in ``cache_mb`` MiB), from in-memory encoded bytes, or from the file."""
+    """Loads the original RGB image of a record: from an in-memory list of decoded images (``cache``, see
+    :func:`decode_all`), from in-memory encoded bytes (``blobs``), or from the file."""
 
-    def __init__(self, records: Sequence[ImageRecord], cache_mb: int = 0, blobs: Sequence[bytes] | None = None):
-        self.records = records
-        self.blobs = blobs
-        self.cache: list[np.ndarray] | None = None
-        total = sum(r.height * r.width * 3 for r in records)
-        if cache_mb > 0 and total <= cache_mb * 2**20:
-            self.cache = [self._decode(i) for i in range(len(records))]
+    def __init__(
+        self,
+        records: Sequence[ImageRecord],
+        blobs: Sequence[bytes] | None = None,
+        cache: Sequence[np.ndarray] | None = None,
+    ):
+        self.records, self.blobs, self.cache = records, blobs, cache
 
     def _decode(self, index: int) -> np.ndarray:
         rec = self.records[index]
@@ -46,15 +46,17 @@ class ImageStore:
         return self.cache[index] if self.cache is not None else self._decode(index)
 
 
-def drop_undecodable(
+def decode_all(
     records: list[ImageRecord], blobs: list[bytes] | None, report: CheckReport, policy: str
-) -> tuple[list[ImageRecord], list[bytes] | None]:
-    """Decode every image once (used when images are cached anyway): corrupt files raise under ``error``
-    and are dropped and counted in ``report`` under ``skip``."""
-    keep, issues = [], []
+) -> tuple[list[ImageRecord], list[bytes] | None, list[np.ndarray]]:
+    """Decode every image once (to fill the in-memory cache), validating it on the way: corrupt or missing
+    files raise under ``error`` and are dropped and counted in ``report`` under ``skip``.
+
+    Returns the kept records, their blobs (or None) and their decoded uint8 [h, w, 3] images."""
+    keep, images, issues = [], [], []
     for i, rec in enumerate(records):
         try:
-            decode_image(blobs[i], rec.file_name) if blobs is not None else read_image(rec.file_name)
+            images.append(decode_image(blobs[i], rec.file_name) if blobs is not None else read_image(rec.file_name))
             keep.append(i)
         except (ImageDecodeError, FileNotFoundError) as e:
             reason = "missing_image_file" if isinstance(e, FileNotFoundError) else "corrupt_image"
@@ -62,7 +64,7 @@ def drop_undecodable(
             issues.append(Issue(reason, where, str(e), rec.image_id))
     report.extend(issues)
     report.enforce(policy)
-    return [records[i] for i in keep], ([blobs[i] for i in keep] if blobs is not None else None)
+    return [records[i] for i in keep], ([blobs[i] for i in keep] if blobs is not None else None), images
 
 
 class TrainDataset(Dataset):
@@ -74,13 +76,13 @@ class TrainDataset(Dataset):
         records: Sequence[ImageRecord],
         aug: AugmentationConfig,
         seed: int = 0,
-        cache_mb: int = 0,
         blobs: Sequence[bytes] | None = None,
+        cache: Sequence[np.ndarray] | None = None,
     ):
         self.records = list(records)
         self.aug = aug
         self.seed = seed
-        self.images = ImageStore(self.records, cache_mb, blobs)
+        self.images = ImageStore(self.records, blobs, cache)
 
     def __len__(self) -> int:
         return len(self.records)
@@ -101,7 +103,7 @@ class EvalDataset(Dataset):
     def __init__(self, records: Sequence[ImageRecord], aug: AugmentationConfig, blobs: Sequence[bytes] | None = None):
         self.records = list(records)
         self.aug = aug
-        self.images = ImageStore(self.records, 0, blobs)
+        self.images = ImageStore(self.records, blobs)
 
     def __len__(self) -> int:
         return len(self.records)

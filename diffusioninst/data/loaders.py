@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader, Sampler
 
 from diffusioninst.config.schema import ExperimentConfig, SplitConfig
 from diffusioninst.data.coco import CheckFiles, LoadedDataset, read_coco
-from diffusioninst.data.dataset import EvalDataset, TrainDataset, collate, drop_undecodable
+from diffusioninst.data.dataset import EvalDataset, TrainDataset, collate, decode_all
 from diffusioninst.data.records import DatasetMeta, ImageRecord
 from diffusioninst.data.sampling import sample_stream
 from diffusioninst.data.validation import CheckReport
@@ -139,10 +139,10 @@ def build_train_loader(
         keep = [i for i, r in enumerate(records) if r.training_instances()]
         records = [records[i] for i in keep]
         blobs = [blobs[i] for i in keep] if blobs is not None else None
-    fits = sum(r.height * r.width * 3 for r in records) <= cache_mb * 2**20
-    if cache_mb > 0 and fits:  # the cache decodes every image anyway: validate them all now
-        records, blobs = drop_undecodable(records, blobs, data.report, cfg.data.on_bad_record)
-    dataset = TrainDataset(records, cfg.data.augmentation, seed, cache_mb if fits else 0, blobs)
+    cache = None
+    if 0 < sum(r.height * r.width * 3 for r in records) <= cache_mb * 2**20:  # decoded once, validated on the way
+        records, blobs, cache = decode_all(records, blobs, data.report, cfg.data.on_bad_record)
+    dataset = TrainDataset(records, cfg.data.augmentation, seed, blobs, cache)
     workers = cfg.data.decode_workers
     loader = DataLoader(
         dataset,
