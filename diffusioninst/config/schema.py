@@ -205,7 +205,7 @@ class SyntheticConfig:
     num_val: int = option(100, min=1, help="validation images")
     image_size: list[int] = option([320, 320], min_len=2, min=32, help="image height, width")
     num_classes: int = option(
-        4, min=1, max=8, help="shape classes, in order: rectangle, ellipse, triangle, star, cross, hexagon, arrow, ring"
+        4, min=1, max=8, help="classes in order: rectangle, ellipse, triangle, star, cross, hexagon, arrow, crescent"
     )
     min_instances: int = option(2, min=0, help="fewest instances drawn per image (before occlusion drops)")
     max_instances: int = option(8, min=1, help="most instances drawn per image")
