@@ -149,12 +149,12 @@ def test_parquet_split_feeds_local_and_ray_loaders(ray_cluster, tmp_path):
     ray_batch = collate(one)
     assert (ray_batch.images[0, :, : img.shape[1], : img.shape[2]] == img).all()
     assert (ray_batch.targets[0]["masks"] == target["masks"]).all()
-    # max_images keeps the smallest ids; repeat-factor sampling repeats rows (r >= 1 with t = 1) with an index
+    # max_images keeps the smallest ids; repeat-factor sampling repeats rows (t = 4: r = sqrt(4 / f) >= 2)
     rcfg = small_experiment(tmp_path, "data.format=parquet", f"data.train.parquet={tmp_path / 'pq'}",
                             f"data.val.parquet={tmp_path / 'pq'}", "data.train.max_images=6",
-                            "data.repeat_factor_threshold=1.0")  # fmt: skip
+                            "data.repeat_factor_threshold=4.0")  # fmt: skip
     rows = build_ray_dataset(rcfg, "train").select_columns(["image_id", "repeat_index"]).take_all()
-    assert {r["image_id"] for r in rows} == set(range(1, 7)) and len(rows) > 6
+    assert {r["image_id"] for r in rows} == set(range(1, 7)) and len(rows) >= 12
     assert all(sorted(r["repeat_index"] for r in rows if r["image_id"] == i) == list(range(
         sum(r["image_id"] == i for r in rows))) for i in range(1, 7))  # fmt: skip
     # eval path: test-time resize (short side 112), no targets, original sizes kept
