@@ -190,43 +190,79 @@ class SamplerConfig:
 
 @dataclass
 class SplitConfig:
-    images: str | None = option(None, help="image folder")
+    images: str | None = option(
+        None, help="image folder (LVIS: the folder holding train2017/ val2017/, or the images themselves)"
+    )
     annotations: str | None = option(None, help="COCO/LVIS instances JSON")
     parquet: str | None = option(None, help="folder of Parquet shards written by pipelines/preprocess.py")
-    max_images: int | None = option(None, min=1, help="use only the first N images (for quick runs)")
+    max_images: int | None = option(None, min=1, help="use only the first N images (by image id) for quick runs")
 
 
 @dataclass
 class SyntheticConfig:
-    root: str = option("data_cache/synthetic", help="where the generated dataset is cached")
+    root: str = option("data_cache/synthetic", help="where generated datasets are cached (one subfolder per config)")
     num_train: int = option(400, min=1, help="training images")
     num_val: int = option(100, min=1, help="validation images")
     image_size: list[int] = option([320, 320], min_len=2, min=32, help="image height, width")
-    num_classes: int = option(4, min=1, help="shape classes")
-    min_instances: int = option(2, min=0, help="fewest instances per image")
-    max_instances: int = option(8, min=1, help="most instances per image")
-    min_object_size: int = option(24, min=4, help="smallest object extent in pixels")
+    num_classes: int = option(
+        4, min=1, max=8, help="classes in order: rectangle, ellipse, triangle, star, cross, hexagon, arrow, crescent"
+    )
+    min_instances: int = option(2, min=0, help="fewest instances drawn per image (before occlusion drops)")
+    max_instances: int = option(8, min=1, help="most instances drawn per image")
+    min_object_size: int = option(24, min=4, help="smallest object extent (longer side of its box) in pixels")
     max_object_size: int = option(200, min=4, help="largest object extent in pixels")
+    small_fraction: float = option(
+        0.5, min=0.0, max=1.0, help="fraction of objects drawn with extent < 40 px (about COCO 'small', area < 32^2)"
+    )
+    min_visible_area: int = option(
+        40, min=1, help="instances whose visible (unoccluded) area is below this many pixels are removed"
+    )
+    min_visible_fraction: float = option(
+        0.25, min=0.0, max=1.0, help="instances with less than this fraction of their shape visible are removed"
+    )
+    class_distribution_power: float = option(
+        0.0, min=0.0, help="class k is drawn with probability ~ (k+1)^-power (0 = uniform; >0 gives LVIS-like tails)"
+    )
+    jpeg_quality: int = option(92, min=1, max=100, help="JPEG quality of the written images")
     seed: int = option(0, help="generator seed (same seed, same files)")
 
 
 @dataclass
 class AugmentationConfig:
     min_size_train: list[int] = option(
-        list(range(480, 801, 32)), min_len=1, min=1, help="shortest-edge choices in training"
+        list(range(480, 801, 32)), min_len=1, min=1, help="shortest-edge choices in training (MIN_SIZE_TRAIN)"
     )
     max_size_train: int = option(1333, min=1, help="longest-edge cap in training")
-    min_size_train_sampling: Literal["choice", "range"] = option("choice", help="how the shortest edge is drawn")
+    min_size_train_sampling: Literal["choice", "range"] = option(
+        "choice", help="how the shortest edge is drawn: one of the list, or uniform in [first, last]"
+    )
     flip: Literal["horizontal", "vertical", "none"] = option("horizontal", help="random flip, p=0.5")
     crop_enabled: bool = option(True, help="the official crop chain with probability crop_prob")
     crop_prob: float = option(0.5, min=0.0, max=1.0, help="probability of applying the crop chain")
-    crop_resize: list[int] = option([400, 500, 600], min_len=1, min=1, help="shortest edge before cropping")
+    crop_resize: list[int] = option(
+        [400, 500, 600], min_len=1, min=1, help="shortest-edge choices before cropping (no longest-edge cap)"
+    )
     crop_type: Literal["absolute_range", "absolute", "relative", "relative_range"] = option(
         "absolute_range", help="detectron2 RandomCrop type"
     )
     crop_size: list[float] = option([384, 600], min_len=2, min=0.0, help="crop size range (h, w bounds)")
     min_size_test: int = option(800, min=1, help="shortest edge at test time")
     max_size_test: int = option(1333, min=1, help="longest-edge cap at test time")
+    resize_backend: Literal["pil", "cv2"] = option(
+        "pil",
+        help="image resize: pil = bilinear as detectron2 (antialiased when shrinking); cv2 = faster, "
+        "differs by <= 1 grey level when enlarging",
+    )
+
+    def check(self) -> list[Problem]:
+        problems: list[Problem] = []
+        if self.min_size_train_sampling == "range" and len(self.min_size_train) != 2:
+            problems.append(("data.augmentation.min_size_train", "sampling 'range' needs exactly [low, high]"))
+        if self.crop_type == "absolute_range" and self.crop_size[0] > self.crop_size[1]:
+            problems.append(("data.augmentation.crop_size", "absolute_range needs crop_size[0] <= crop_size[1]"))
+        if self.crop_type.startswith("relative") and any(not 0 < v <= 1 for v in self.crop_size[:2]):
+            problems.append(("data.augmentation.crop_size", f"{self.crop_type} needs fractions in (0, 1]"))
+        return problems
 
 
 @dataclass
@@ -236,13 +272,23 @@ class DataConfig:
     val: SplitConfig = section(SplitConfig, help="validation split")
     synthetic: SyntheticConfig = section(SyntheticConfig, help="generated dataset (format: synthetic)")
     augmentation: AugmentationConfig = section(AugmentationConfig, help="training/test transforms")
-    repeat_factor_threshold: float = option(0.0, min=0.0, help="LVIS repeat-factor sampling (0 = off)")
-    filter_empty: bool = option(False, help="drop training images without annotations")
+    repeat_factor_threshold: float = option(
+        0.0, min=0.0, help="LVIS repeat-factor sampling threshold t (official LVIS: 0.001; 0 = off)"
+    )
+    filter_empty: bool = option(
+        False, help="drop training images without (non-crowd) annotations (official FILTER_EMPTY_ANNOTATIONS False)"
+    )
+    on_bad_record: Literal["error", "skip"] = option(
+        "error", help="invalid images/annotations: stop with the full list, or skip and count them by reason"
+    )
     loader: Literal["ray_data", "local"] = option(
         "ray_data", help="feed training through Ray Data shards or a per-worker local loader"
     )
     decode_workers: int = option(1, min=0, help="CPU workers for decoding/augmentation per training worker")
     prefetch_batches: int = option(2, min=0, help="batches prefetched by the loader")
+    cache_images_mb: int = option(
+        512, min=0, help="keep decoded training images in memory when the split fits in this many MiB (0 = off)"
+    )
 
     def check(self) -> list[Problem]:
         problems: list[Problem] = []
@@ -265,6 +311,8 @@ class DataConfig:
             problems.append(("data.synthetic.min_instances", "must be <= data.synthetic.max_instances"))
         if syn.min_object_size > syn.max_object_size:
             problems.append(("data.synthetic.min_object_size", "must be <= data.synthetic.max_object_size"))
+        if syn.max_object_size > min(syn.image_size):
+            problems.append(("data.synthetic.max_object_size", f"must fit in the image ({min(syn.image_size)} px)"))
         return problems
 
 

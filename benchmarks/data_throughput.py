@@ -1,0 +1,261 @@
+"""Data pipeline throughput: preprocessing (Ray Data) and training ingest (decode + augment + collate).
+
+Generates a COCO-like synthetic split (default 600 images at 480x640, the official augmentation recipe
+resizes them to a 480..800 shortest edge), then measures images/s of
+
+* preprocessing: a plain single-process loop (decode-validate + RLE + Parquet write) vs
+  ``diffusioninst.data.preprocess`` on a local Ray with 1 and 2 CPUs (cold = first run, warm = rerun);
+* training ingest: a plain single-process loop vs the local torch DataLoader (``data.decode_workers`` = 1, 2)
+  vs Ray Data (Parquet shards -> ``streaming_split`` -> ``iter_torch_batches(collate_fn=RayTrainCollate)``
+  in 1 or 2 consumer processes, as Ray Train workers consume them).
+
+Every worker runs with one thread (cv2.setNumThreads(1), torch.set_num_threads(1)). Writes JSON:
+
+    python benchmarks/data_throughput.py --out benchmarks/results/data_throughput.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import cv2
+import numpy as np
+import torch
+
+from diffusioninst.config import ExperimentConfig, load_config
+from diffusioninst.data.preprocess import local_runtime_env
+
+
+def proc_cpu_seconds(pid: int) -> float:
+    """user + system CPU seconds of a live process (Linux /proc)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def load() -> float:
+    return round(os.getloadavg()[0], 2)
+
+
+def single_thread() -> None:
+    cv2.setNumThreads(1)
+    torch.set_num_threads(1)
+
+
+def bench_config(root: Path, n: int, workers: int = 0, backend: str = "pil") -> ExperimentConfig:
+    return load_config(
+        ExperimentConfig,
+        None,
+        [
+            "data.format=synthetic",
+            f"data.synthetic.root={root}",
+            f"data.synthetic.num_train={n}",
+            "data.synthetic.num_val=1",
+            "data.synthetic.image_size=[480,640]",
+            "data.synthetic.max_object_size=300",
+            "data.synthetic.small_fraction=0.4",
+            "data.cache_images_mb=0",
+            f"data.decode_workers={workers}",
+            f"data.augmentation.resize_backend={backend}",
+            "solver.ims_per_batch=4",
+            "model.head.num_classes=4",
+        ],
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# preprocessing
+
+
+def plain_preprocess(cfg: ExperimentConfig, out: Path) -> float:
+    """The preprocessing work in one process: decode-validate every image, then encode and write shards."""
+    import pyarrow.parquet as pq
+
+    from diffusioninst.data.coco import read_coco
+    from diffusioninst.data.preprocess import encode_records
+    from diffusioninst.data.validation import check_image_file
+
+    out.mkdir(parents=True, exist_ok=True)
+    t = time.perf_counter()
+    loaded = read_coco(cfg.data.train.annotations, cfg.data.train.images, check_files="none")
+    reencode = set()
+    for r in loaded.records:
+        issues, info, _ = check_image_file(r.file_name, r.image_id, r.height, r.width, str(r.image_id))
+        assert not issues
+        if info.needs_reencode:
+            reencode.add(r.image_id)
+    for k in range(0, len(loaded.records), 100):
+        table = encode_records(loaded.records[k : k + 100], reencode)
+        pq.write_table(table, out / f"part-{k // 100:05d}.parquet", row_group_size=64)
+    return len(loaded.records) / (time.perf_counter() - t)
+
+
+def ray_preprocess(cfg: ExperimentConfig, out: Path, cpus: int) -> dict[str, float]:
+    import ray
+
+    from diffusioninst.data.preprocess import preprocess
+
+    ray.init(num_cpus=cpus, include_dashboard=False, logging_level="ERROR", runtime_env=local_runtime_env())
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    n = cfg.data.synthetic.num_train
+    res = {}
+    try:
+        for label in ("cold", "warm"):
+            t = time.perf_counter()
+            preprocess("coco", cfg.data.train.images, cfg.data.train.annotations, out, force=True, shard_size=25,
+                       log=lambda _: None)  # fmt: skip
+            res[label] = n / (time.perf_counter() - t)
+    finally:
+        ray.shutdown()
+    return res
+
+
+# ----------------------------------------------------------------------------------------------
+# training ingest
+
+
+def plain_ingest(cfg: ExperimentConfig, epochs: int = 2) -> dict[str, float]:
+    """decode + augment + collate in one process, over JPEG bytes held in memory."""
+    from diffusioninst.data.dataset import collate
+    from diffusioninst.data.image_io import decode_image
+    from diffusioninst.data.loaders import load_split
+    from diffusioninst.data.sampling import augmentation_seed
+    from diffusioninst.data.transforms import train_sample
+
+    data = load_split(cfg, "train", check_files="none")
+    blobs = [Path(r.file_name).read_bytes() for r in data.records]
+    t, c, n = time.perf_counter(), time.process_time(), 0
+    for epoch in range(epochs):
+        samples = []
+        for rec, blob in zip(data.records, blobs):
+            rng = np.random.default_rng(augmentation_seed(0, epoch, rec.image_id))
+            samples.append(train_sample(decode_image(blob), rec, cfg.data.augmentation, rng))
+            if len(samples) == 4:
+                collate(samples, 32)
+                n, samples = n + 4, []
+    return {"images_per_s": n / (time.perf_counter() - t), "cpu_ms_per_image": 1e3 * (time.process_time() - c) / n}
+
+
+def dataloader_ingest(cfg: ExperimentConfig, batches: int, warmup: int = 5) -> dict[str, float]:
+    """Local torch DataLoader; CPU time summed over the worker processes and the receiving main process."""
+    from diffusioninst.data.loaders import build_train_loader
+
+    it = iter(build_train_loader(cfg, 0, 1, seed=0))
+    for _ in range(warmup):
+        next(it)
+    pids = [w.pid for w in getattr(it, "_workers", [])]
+    cpu0 = sum(proc_cpu_seconds(p) for p in pids) + time.process_time()
+    t = time.perf_counter()
+    for _ in range(batches):
+        next(it)
+    wall = time.perf_counter() - t
+    cpu = sum(proc_cpu_seconds(p) for p in pids) + time.process_time() - cpu0
+    del it
+    return {"images_per_s": batches * 4 / wall, "cpu_ms_per_image": 1e3 * cpu / (batches * 4)}
+
+
+def _consume(iterator, aug, epochs: int) -> tuple[float, float, int, float]:
+    """One consumer (as a Ray Train worker): epoch 0 warms up, later epochs are timed."""
+    from diffusioninst.data.ray_ingest import RayTrainCollate
+
+    single_thread()
+    fn = RayTrainCollate(aug, 32, seed=0)
+    start, cpu, n = None, 0.0, 0
+    for epoch in range(epochs):
+        fn.set_epoch(epoch)
+        if epoch == 1:
+            start, cpu = time.time(), time.process_time()
+        for batch in iterator.iter_torch_batches(batch_size=4, collate_fn=fn, prefetch_batches=1, drop_last=True):
+            n += len(batch) if epoch >= 1 else 0
+    return start, time.time(), n, time.process_time() - cpu
+
+
+def ray_ingest(cfg: ExperimentConfig, shards: Path, consumers: int, epochs: int = 3) -> dict[str, float]:
+    """Consumers as Ray Train workers; CPU time counts the consumer processes (not Ray's read tasks)."""
+    import ray
+
+    from diffusioninst.data.ray_ingest import build_ray_dataset
+
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", runtime_env=local_runtime_env())
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    try:
+        pcfg = bench_config(Path(cfg.data.synthetic.root), cfg.data.synthetic.num_train)
+        pcfg.data.format, pcfg.data.train.parquet = "parquet", str(shards)
+        pcfg.data.val.parquet = str(shards)
+        splits = build_ray_dataset(pcfg, "train").streaming_split(consumers, equal=True)
+        task = ray.remote(num_cpus=2 / consumers * 0.5)(_consume)  # leave CPU for the Parquet reads
+        out = ray.get([task.remote(s, pcfg.data.augmentation, epochs) for s in splits])
+    finally:
+        ray.shutdown()
+    start, end, n = min(o[0] for o in out), max(o[1] for o in out), sum(o[2] for o in out)
+    return {"images_per_s": n / (end - start), "cpu_ms_per_image": 1e3 * sum(o[3] for o in out) / n}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--num-images", type=int, default=600, help="synthetic 480x640 images (default 600)")
+    parser.add_argument("--root", default=None, help="synthetic cache folder (default: a temporary folder)")
+    parser.add_argument("--out", default="benchmarks/results/data_throughput.json")
+    args = parser.parse_args(argv)
+    single_thread()
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    work = Path(args.root or tempfile.mkdtemp(prefix="data_bench_"))
+    from diffusioninst.data.loaders import ensure_dataset
+
+    cfg = ensure_dataset(bench_config(work, args.num_images))
+    results: dict = {"num_images": args.num_images, "image_size_hw": [480, 640]}
+
+    pre: dict = {"load_avg_before": load(), "plain_loop_1_process": plain_preprocess(cfg, work / "plain_shards")}
+    for cpus in (1, 2):
+        pre[f"ray_data_{cpus}_cpu"] = ray_preprocess(cfg, work / f"shards_{cpus}", cpus)
+    pre["load_avg_after"] = load()
+    pre["scaling_2_vs_1_warm"] = pre["ray_data_2_cpu"]["warm"] / pre["ray_data_1_cpu"]["warm"]
+    pre["ray_1_cpu_warm_vs_plain"] = pre["ray_data_1_cpu"]["warm"] / pre["plain_loop_1_process"]
+    results["preprocess_images_per_s"] = pre
+
+    ing: dict = {"load_avg_before": load()}
+    for backend in ("pil", "cv2"):
+        c = ensure_dataset(bench_config(work, args.num_images, 0, backend))
+        ing[f"plain_loop_1_process_{backend}"] = plain_ingest(c)
+    for workers in (1, 2):
+        ing[f"torch_dataloader_{workers}_workers"] = dataloader_ingest(
+            ensure_dataset(bench_config(work, args.num_images, workers)), batches=100
+        )
+    for consumers in (1, 2):
+        ing[f"ray_data_{consumers}_consumers"] = ray_ingest(cfg, work / "shards_2", consumers)
+    ing["load_avg_after"] = load()
+
+    def rate(key: str) -> float:
+        return ing[key]["images_per_s"]
+
+    ing["dataloader_scaling_2_vs_1"] = rate("torch_dataloader_2_workers") / rate("torch_dataloader_1_workers")
+    ing["dataloader_1_vs_plain"] = rate("torch_dataloader_1_workers") / rate("plain_loop_1_process_pil")
+    ing["ray_scaling_2_vs_1"] = rate("ray_data_2_consumers") / rate("ray_data_1_consumers")
+    ing["ray_1_vs_plain"] = rate("ray_data_1_consumers") / rate("plain_loop_1_process_pil")
+    results["train_ingest_images_per_s"] = ing
+    results["environment"] = {
+        "cpus": os.cpu_count(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "opencv": cv2.__version__,
+        "recipe": "flip p=0.5; shortest edge 480..800 step 32, max 1333; crop chain p=0.5; resize_backend pil "
+        "unless the key says cv2; batch 4; one thread per worker",
+    }
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2))
+    print(json.dumps(results, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

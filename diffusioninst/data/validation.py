@@ -1,0 +1,300 @@
+"""Validation of COCO/LVIS instance annotations and image files, shared by the readers and the preprocessor.
+
+Every problem becomes an :class:`Issue` with a reason code (see ``REASONS``), where it is (file, image id,
+annotation id) and what is wrong. Policy ``error`` raises :class:`DatasetError` listing every issue at once;
+policy ``skip`` drops the bad images/annotations and counts them by reason. Nothing is dropped silently.
+Problems that make the whole file unreadable (malformed JSON, missing top-level lists) always raise.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+REASONS = {
+    "malformed_json": "the annotation file is not valid JSON or lacks images/annotations/categories",
+    "bad_image_entry": "an images[] entry lacks a valid id, height, width or file name",
+    "bad_annotation_entry": "an annotations[] entry is not an object with an integer id",
+    "duplicate_image_id": "two images[] entries share an id (all of them are skipped)",
+    "duplicate_annotation_id": "two annotations share an id (all of them are skipped)",
+    "duplicate_category_id": "two categories share an id",
+    "unknown_image_id": "an annotation refers to an image id that images[] does not declare",
+    "unknown_category": "an annotation's category_id is not declared in categories[]",
+    "bad_bbox": "bbox is not 4 finite numbers",
+    "bbox_zero_area": "bbox width or height <= 0",
+    "bbox_outside_image": "bbox extends more than 1 px beyond the image",
+    "polygon_too_few_points": "a polygon has fewer than 3 points",
+    "bad_segmentation": "segmentation missing or malformed (odd polygon, RLE of the wrong size, ...)",
+    "missing_image_file": "the image file does not exist",
+    "corrupt_image": "the image file cannot be decoded (truncated, corrupt, not an image)",
+    "image_size_mismatch": "the decoded (EXIF-upright) size differs from the JSON height/width",
+    "annotation_of_skipped_image": "an annotation dropped because its image was skipped",
+}
+BBOX_TOLERANCE = 1.0  # pixels a box may exceed the image by (float rounding in real COCO files)
+
+
+class DatasetError(ValueError):
+    """A dataset failed validation; ``issues`` holds every problem found."""
+
+    def __init__(self, source: str, issues: list[Issue]):
+        self.issues = issues
+        super().__init__(format_issues(source, issues))
+
+
+@dataclass(frozen=True)
+class Issue:
+    """One problem. ``image_id``/``ann_id`` say which record is skipped under the ``skip`` policy."""
+
+    reason: str
+    where: str
+    message: str
+    image_id: int | None = None
+    ann_id: int | None = None
+
+
+@dataclass
+class CheckReport:
+    """Issues found in one source, and what skipping them removes."""
+
+    source: str
+    issues: list[Issue] = field(default_factory=list)
+
+    @property
+    def bad_images(self) -> set[int]:
+        return {i.image_id for i in self.issues if i.image_id is not None and i.ann_id is None}
+
+    @property
+    def bad_annotations(self) -> set[int]:
+        return {i.ann_id for i in self.issues if i.ann_id is not None}
+
+    def counts(self) -> dict[str, int]:
+        return dict(sorted(Counter(i.reason for i in self.issues).items()))
+
+    def extend(self, issues: Iterable[Issue]) -> None:
+        self.issues.extend(issues)
+
+    def enforce(self, policy: str) -> None:
+        """Raise ``DatasetError`` with every issue under policy ``error``; do nothing under ``skip``."""
+        real = [i for i in self.issues if i.reason != "annotation_of_skipped_image"]
+        if policy == "error" and real:
+            raise DatasetError(self.source, real)
+
+
+def format_issues(source: str, issues: list[Issue], limit: int | None = None) -> str:
+    counts = Counter(i.reason for i in issues)
+    head = f"{source}: {len(issues)} problem(s) (" + ", ".join(f"{r}: {n}" for r, n in sorted(counts.items())) + ")"
+    shown = issues if limit is None else issues[:limit]
+    lines = [f"  - {i.where}: {i.message} [{i.reason}]" for i in shown]
+    if limit is not None and len(issues) > limit:
+        lines.append(f"  ... and {len(issues) - limit} more")
+    return "\n".join([head, *lines])
+
+
+def load_json(path: str | Path) -> dict[str, Any]:
+    """Read an annotation file; malformed JSON raises ``DatasetError`` naming the file, line and column."""
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{p}: annotation file not found") from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        issue = Issue("malformed_json", f"{p}:{e.lineno}:{e.colno}", f"invalid JSON: {e.msg}")
+        raise DatasetError(str(p), [issue]) from None
+    problems = []
+    if not isinstance(data, dict):
+        problems.append(f"top level is a {type(data).__name__}, expected an object")
+    else:
+        for key in ("images", "annotations", "categories"):
+            if not isinstance(data.get(key), list):
+                problems.append(f"'{key}' must be a list")
+    if problems:
+        raise DatasetError(str(p), [Issue("malformed_json", str(p), m) for m in problems])
+    return data
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _finite(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def image_where(img: dict) -> str:
+    name = img.get("file_name") or img.get("coco_url") or "?"
+    return f"image {img.get('id')} ({name})"
+
+
+def _check_segmentation(seg: Any, h: int, w: int) -> tuple[str, str] | None:
+    if isinstance(seg, list):
+        if not seg:
+            return "bad_segmentation", "empty polygon list"
+        for k, poly in enumerate(seg):
+            if not isinstance(poly, list) or not all(_finite(v) for v in poly):
+                return "bad_segmentation", f"polygon {k} is not a list of numbers"
+            if len(poly) < 6:
+                return "polygon_too_few_points", f"polygon {k} has {len(poly) // 2} point(s), needs >= 3"
+            if len(poly) % 2:
+                return "bad_segmentation", f"polygon {k} has an odd number of coordinates ({len(poly)})"
+        return None
+    if isinstance(seg, dict):
+        size, counts = seg.get("size"), seg.get("counts")
+        if not (isinstance(size, list) and len(size) == 2 and all(_is_int(v) for v in size)):
+            return "bad_segmentation", f"RLE size {size!r} is not [height, width]"
+        if list(size) != [h, w]:
+            return "bad_segmentation", f"RLE size {size} differs from the image size [{h}, {w}]"
+        if isinstance(counts, list):
+            if not all(_is_int(v) and v >= 0 for v in counts) or sum(counts) != h * w:
+                return "bad_segmentation", "uncompressed RLE counts must be non-negative ints summing to h*w"
+            return None
+        if not isinstance(counts, str) or not counts:
+            return "bad_segmentation", "RLE counts must be a list of ints or a compressed string"
+        return None
+    return "bad_segmentation", "no segmentation" if seg is None else f"segmentation of type {type(seg).__name__}"
+
+
+def check_annotations(data: dict[str, Any], source: str) -> CheckReport:
+    """JSON-level checks of a COCO/LVIS dict (no file access). See ``REASONS`` for what is checked."""
+    report = CheckReport(source)
+    add = report.issues.append
+    images: dict[int, dict] = {}
+    seen = Counter(img.get("id") for img in data["images"] if isinstance(img, dict))
+    for k, img in enumerate(data["images"]):
+        if not isinstance(img, dict) or not _is_int(img.get("id")):
+            add(Issue("bad_image_entry", f"images[{k}]", "missing or non-integer id"))
+            continue
+        iid = img["id"]
+        if seen[iid] > 1:
+            add(Issue("duplicate_image_id", image_where(img), f"id {iid} appears {seen[iid]} times", image_id=iid))
+            continue
+        h, w = img.get("height"), img.get("width")
+        if not (_is_int(h) and _is_int(w) and h > 0 and w > 0):
+            add(Issue("bad_image_entry", image_where(img), f"height/width {h!r}/{w!r} invalid", image_id=iid))
+            continue
+        if not isinstance(img.get("file_name") or img.get("coco_url"), str):
+            add(Issue("bad_image_entry", image_where(img), "neither file_name nor coco_url given", image_id=iid))
+            continue
+        images[iid] = img
+    cat_seen = Counter(c.get("id") for c in data["categories"] if isinstance(c, dict))
+    cats = {cid for cid, n in cat_seen.items() if _is_int(cid)}
+    for cid, n in cat_seen.items():
+        if n > 1:
+            add(Issue("duplicate_category_id", f"category {cid}", f"id appears {n} times"))
+    ann_seen = Counter(a.get("id") for a in data["annotations"] if isinstance(a, dict))
+    bad_image_ids = report.bad_images
+    for k, ann in enumerate(data["annotations"]):
+        aid = ann.get("id") if isinstance(ann, dict) else None
+        where = f"annotation {aid}" if _is_int(aid) else f"annotations[{k}]"
+        if not isinstance(ann, dict) or not _is_int(aid):
+            add(Issue("bad_annotation_entry", where, "not an object with an integer id"))
+            continue
+        iid = ann.get("image_id")
+        where = f"annotation {aid} (image {iid})"
+        if ann_seen[aid] > 1:
+            add(Issue("duplicate_annotation_id", where, f"id appears {ann_seen[aid]} times", iid, aid))
+            continue
+        if iid in bad_image_ids:
+            add(Issue("annotation_of_skipped_image", where, "its image was skipped", iid, aid))
+            continue
+        if iid not in images:
+            add(Issue("unknown_image_id", where, f"image id {iid!r} is not in images[]", None, aid))
+            continue
+        if ann.get("category_id") not in cats:
+            add(Issue("unknown_category", where, f"category_id {ann.get('category_id')!r} is not declared", iid, aid))
+            continue
+        img = images[iid]
+        h, w = img["height"], img["width"]
+        box = ann.get("bbox")
+        if not (isinstance(box, list) and len(box) == 4 and all(_finite(v) for v in box)):
+            add(Issue("bad_bbox", where, f"bbox {box!r} is not [x, y, w, h]", iid, aid))
+            continue
+        x, y, bw, bh = box
+        if bw <= 0 or bh <= 0:
+            add(Issue("bbox_zero_area", where, f"bbox {box} has zero area", iid, aid))
+            continue
+        t = BBOX_TOLERANCE
+        if x < -t or y < -t or x + bw > w + t or y + bh > h + t:
+            add(Issue("bbox_outside_image", where, f"bbox {box} exceeds the {w}x{h} image", iid, aid))
+            continue
+        bad = _check_segmentation(ann.get("segmentation"), h, w)
+        if bad is not None:
+            add(Issue(bad[0], where, bad[1], iid, aid))
+    return report
+
+
+def check_image_header(path: str | Path, image_id: int, height: int, width: int, where: str) -> list[Issue]:
+    """Cheap file-level checks (exists, header readable, upright size matches the JSON); no pixel decoding."""
+    from diffusioninst.data.image_io import ImageDecodeError, probe_image
+
+    try:
+        info = probe_image(path)
+    except FileNotFoundError:
+        return [Issue("missing_image_file", where, f"file {path} not found", image_id)]
+    except (ImageDecodeError, IsADirectoryError) as e:
+        return [Issue("corrupt_image", where, str(e), image_id)]
+    if (info.height, info.width) != (height, width):
+        msg = f"file size {info.height}x{info.width} (h x w, EXIF applied) != JSON {height}x{width}"
+        return [Issue("image_size_mismatch", where, msg, image_id)]
+    return []
+
+
+def check_image_file(path: str | Path, image_id: int, height: int, width: int, where: str):
+    """Full file-level checks of one image: exists, decodes fully, upright size matches the JSON.
+
+    Returns:
+        (issues, info, data): ``info`` (:class:`~diffusioninst.data.image_io.ImageInfo`) and the raw bytes
+        are None when the file is missing or undecodable.
+    """
+    from diffusioninst.data.image_io import ImageDecodeError, decode_with_info
+
+    try:
+        data = Path(path).read_bytes()
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+        return [Issue("missing_image_file", where, f"file {path} not found", image_id)], None, None
+    try:
+        _, info = decode_with_info(data, str(path))
+    except ImageDecodeError as e:
+        return [Issue("corrupt_image", where, str(e), image_id)], None, None
+    if (info.height, info.width) != (height, width):
+        msg = f"decoded size {info.height}x{info.width} (h x w, EXIF applied) != JSON {height}x{width}"
+        return [Issue("image_size_mismatch", where, msg, image_id)], info, data
+    return [], info, data
+
+
+def apply_skips(data: dict[str, Any], report: CheckReport) -> dict[str, Any]:
+    """A copy of ``data`` without the images and annotations ``report`` flags (plus malformed entries).
+
+    Annotations of images skipped by file-level checks are added to ``report`` as
+    ``annotation_of_skipped_image`` so they are counted too.
+    """
+    bad_images, bad_anns = report.bad_images, report.bad_annotations
+    images = [
+        img
+        for img in data["images"]
+        if isinstance(img, dict) and _is_int(img.get("id")) and img["id"] not in bad_images
+    ]
+    kept_ids = {img["id"] for img in images}
+    annotations = []
+    for ann in data["annotations"]:
+        if not isinstance(ann, dict) or not _is_int(ann.get("id")) or ann["id"] in bad_anns:
+            continue
+        if ann.get("image_id") not in kept_ids:
+            where = f"annotation {ann['id']} (image {ann.get('image_id')})"
+            report.issues.append(
+                Issue("annotation_of_skipped_image", where, "its image was skipped", ann.get("image_id"), ann["id"])
+            )
+            continue
+        annotations.append(ann)
+    categories, cat_ids = [], set()
+    for c in data["categories"]:  # first entry wins for a duplicated id (reported as duplicate_category_id)
+        if isinstance(c, dict) and _is_int(c.get("id")) and c["id"] not in cat_ids:
+            categories.append(c)
+            cat_ids.add(c["id"])
+    return {**data, "images": images, "annotations": annotations, "categories": categories}

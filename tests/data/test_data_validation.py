@@ -1,0 +1,113 @@
+"""Every kind of bad input is reported (error policy) or skipped and counted (skip policy); odd images decode."""
+
+from __future__ import annotations
+
+import copy
+import io
+import json
+
+import numpy as np
+import pytest
+from conftest import H, W, _ann, make_dataset
+from PIL import Image, ImageOps
+
+from diffusioninst.data.coco import read_coco
+from diffusioninst.data.image_io import decode_image, decode_with_info, probe_image
+from diffusioninst.data.validation import DatasetError
+
+
+def _write(tmp_path, data, name="ann.json"):
+    p = tmp_path / name
+    p.write_text(json.dumps(data))
+    return p
+
+
+def test_non_rgb_images_decode_upright_rgb(tmp_path):
+    data, d = make_dataset(tmp_path)
+    loaded = read_coco(_write(tmp_path, data), d, check_files="decode")
+    assert len(loaded.records) == 6 and not loaded.report.issues
+    for img in data["images"]:
+        raw = (d / img["file_name"]).read_bytes()
+        ours, info = decode_with_info(raw)
+        ref = np.asarray(ImageOps.exif_transpose(Image.open(io.BytesIO(raw))).convert("RGB"))
+        assert ours.shape == (H, W, 3) and ours.dtype == np.uint8
+        np.testing.assert_array_equal(ours, ref)
+        assert info.needs_reencode == (img["file_name"] not in ("rgb.jpg", "rgb2.jpg"))
+        assert probe_image(d / img["file_name"]).height == H  # header probe applies the EXIF swap too
+    # annotations are left in the displayed (upright) frame
+    exif_rec = loaded.records[4]
+    np.testing.assert_allclose(exif_rec.instances[0].box_xyxy, [2, 2, 20, 18])
+
+
+CASES = {
+    "missing_image_file": lambda data, d: (d / "gray.jpg").unlink(),
+    "corrupt_image": lambda data, d: (d / "rgb.jpg").write_bytes((d / "rgb.jpg").read_bytes()[:200]),
+    "image_size_mismatch": lambda data, d: data["images"][2].update(height=H + 1),
+    "polygon_too_few_points": lambda data, d: data["annotations"][0].update(segmentation=[[1, 1, 5, 5]]),
+    "bbox_outside_image": lambda data, d: data["annotations"][1].update(bbox=[20, 2, 30, 10]),
+    "bbox_zero_area": lambda data, d: data["annotations"][2].update(bbox=[3, 3, 0, 10]),
+    "unknown_category": lambda data, d: data["annotations"][3].update(category_id=42),
+    "duplicate_image_id": lambda data, d: data["images"].append(dict(data["images"][5], file_name="x.jpg")),
+    "unknown_image_id": lambda data, d: data["annotations"].append(_ann(999, 77)),
+    "bad_segmentation": lambda data, d: data["annotations"][4].update(segmentation={"size": [5, 5], "counts": "00"}),
+}
+
+
+@pytest.mark.parametrize("reason", sorted(CASES))
+def test_each_bad_record_is_reported_and_skippable(tmp_path, reason):
+    data, d = make_dataset(tmp_path)
+    CASES[reason](data, d)
+    path = _write(tmp_path, data)
+    with pytest.raises(DatasetError) as info:
+        read_coco(path, d, on_bad_record="error", check_files="decode")
+    assert {i.reason for i in info.value.issues} == {reason}
+    issue = info.value.issues[0]
+    assert str(issue.ann_id or issue.image_id) in str(info.value)  # names the record
+    loaded = read_coco(path, d, on_bad_record="skip", check_files="decode")
+    assert loaded.report.counts()[reason] >= 1
+    kept_ids = {r.image_id for r in loaded.records}
+    kept_anns = {i.ann_id for r in loaded.records for i in r.instances}
+    if issue.ann_id is not None:
+        assert issue.ann_id not in kept_anns and len(kept_ids) == 6
+    else:
+        assert issue.image_id not in kept_ids
+        dropped_anns = [a["id"] for a in data["annotations"] if a["image_id"] == issue.image_id]
+        assert not set(dropped_anns) & kept_anns
+        assert loaded.report.counts().get("annotation_of_skipped_image", 0) == len(dropped_anns)
+    # nothing silently dropped: every annotation is either kept or counted
+    skipped_anns = {i.ann_id for i in loaded.report.issues if i.ann_id is not None}
+    assert kept_anns | skipped_anns == {a["id"] for a in data["annotations"]}
+
+
+def test_error_lists_every_problem_at_once(tmp_path):
+    data, d = make_dataset(tmp_path)
+    for fn in CASES.values():
+        fn(data, d)
+    with pytest.raises(DatasetError) as info:
+        read_coco(_write(tmp_path, data), d, check_files="decode")
+    msg = str(info.value)
+    for reason in CASES:
+        assert f"[{reason}]" in msg
+    assert "annotation 999" in msg and "gray.jpg" in msg
+
+
+def test_empty_annotations_and_malformed_json(tmp_path):
+    data, d = make_dataset(tmp_path)
+    empty = copy.deepcopy(data)
+    empty["annotations"] = []
+    loaded = read_coco(_write(tmp_path, empty), d)
+    assert len(loaded.records) == 6 and all(not r.instances for r in loaded.records)
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"images": [], "annotations": [,]}')
+    with pytest.raises(DatasetError, match=r"bad.json:1:\d+: invalid JSON.*malformed_json"):
+        read_coco(bad, d, on_bad_record="skip")  # unreadable files fail under both policies
+    bad.write_text('{"images": []}')
+    with pytest.raises(DatasetError, match="'annotations' must be a list"):
+        read_coco(bad, d)
+
+
+def test_decode_errors_name_the_file():
+    from diffusioninst.data.image_io import ImageDecodeError
+
+    with pytest.raises(ImageDecodeError, match="broken.jpg"):
+        decode_image(b"\xff\xd8\xff\xe0 not really a jpeg", "broken.jpg")
