@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from diffusioninst.data import DataError, ensure_dataset
+    from diffusioninst.data import DatasetError, ensure_dataset
     from diffusioninst.engine.checkpoint import CheckpointError
     from diffusioninst.engine.evaluate import evaluate_model
     from diffusioninst.engine.launch import open_eval_tracking
@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
         model = load_model(cfg, args.checkpoint, device)
         run = open_eval_tracking(cfg, args.checkpoint, steps)
         outcome = evaluate_model(model, cfg, device=device, steps=steps, max_images=args.max_images, out_dir=out_dir)
-    except (CheckpointError, DataError, TrackingError) as e:
+    except (CheckpointError, DatasetError, TrackingError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     run.log_metrics(outcome.flat_metrics)

@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from diffusioninst.data import DataError, read_rgb_image
+    from diffusioninst.data.image_io import ImageDecodeError, read_image
     from diffusioninst.engine.checkpoint import CheckpointError
     from diffusioninst.engine.predictor import Predictor, load_model
     from diffusioninst.engine.visualize import draw_overlay
@@ -74,9 +74,9 @@ def main(argv: list[str] | None = None) -> int:
         chunk, images = [], []
         for f in files[start : start + args.batch_size]:
             try:
-                images.append(read_rgb_image(f))
+                images.append(read_image(f))
                 chunk.append(f)
-            except DataError as e:
+            except (ImageDecodeError, FileNotFoundError) as e:
                 skipped.append(f"{f}: {e}")
                 print(f"[predict] skipped {f}: {e}", file=sys.stderr)
         if not images:
@@ -101,11 +101,11 @@ def main(argv: list[str] | None = None) -> int:
 
 def cfg_class_names(cfg: ExperimentConfig) -> list[str]:
     """Class names from the dataset the model was trained on, when it is available here."""
-    from diffusioninst.data import DataError, dataset_class_names
+    from diffusioninst.data import DatasetError, load_split
 
     try:
-        return dataset_class_names(cfg)
-    except (DataError, FileNotFoundError):
+        return list(load_split(cfg, "val", check_files="none").meta.class_names)
+    except (DatasetError, FileNotFoundError, ValueError):
         return []
 
 

@@ -27,7 +27,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = make_parser(__doc__, default_config=str(ROOT / "experiments" / "demo.yaml"))
     _, cfg = resolve(parser, ExperimentConfig, argv)
 
-    from diffusioninst.data import DataError
+    from diffusioninst.data import DatasetError
     from diffusioninst.engine.checkpoint import CheckpointError
     from diffusioninst.engine.launch import LaunchError, train
     from diffusioninst.engine.train import NonFiniteLossError
@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     try:
         outcome = train(cfg)
-    except (LaunchError, TrackingError, DataError, CheckpointError, NonFiniteLossError) as e:
+    except (LaunchError, TrackingError, DatasetError, CheckpointError, NonFiniteLossError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     minutes = (time.perf_counter() - t0) / 60

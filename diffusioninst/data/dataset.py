@@ -19,7 +19,7 @@ from diffusioninst.data.records import ImageRecord
 from diffusioninst.data.sampling import augmentation_seed
 from diffusioninst.data.transforms import eval_image, train_sample
 from diffusioninst.data.validation import CheckReport, Issue, image_where
-from diffusioninst.structures import Batch
+from diffusioninst.structures import Batch, pad_images
 
 TARGET_KEYS = ("boxes", "labels", "masks")
 
@@ -126,12 +126,7 @@ def collate(samples: Sequence[tuple[torch.Tensor, dict]], size_divisibility: int
     if not samples:
         raise ValueError("collate() needs at least one sample")
     sizes = [tuple(img.shape[1:]) for img, _ in samples]
-    d = max(int(size_divisibility), 1)
-    hp = -(-max(h for h, _ in sizes) // d) * d
-    wp = -(-max(w for _, w in sizes) // d) * d
-    images = torch.zeros((len(samples), 3, hp, wp), dtype=torch.uint8)
-    for k, (img, _) in enumerate(samples):
-        images[k, :, : img.shape[1], : img.shape[2]] = img
+    images = pad_images([img for img, _ in samples], size_divisibility)
     metas = [t for _, t in samples]
     targets = [{k: t[k] for k in TARGET_KEYS} for t in metas] if "boxes" in metas[0] else None
     return Batch(

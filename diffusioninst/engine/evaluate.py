@@ -65,7 +65,7 @@ def predict_split(
     bs = cfg.eval.batch_size
     t0 = time.perf_counter()
     for start in range(0, len(indices), bs):
-        batch = collate([dataset[i] for i in indices[start : start + bs]]).to(device)
+        batch = collate([dataset[i] for i in indices[start : start + bs]], cfg.model.size_divisibility).to(device)
         encoded = model.encode(batch.images, batch.image_sizes)
         for key, sampler in samplers.items():
             noise = [
@@ -129,33 +129,35 @@ def evaluate_model(
     device = device or next(model.parameters()).device
     steps = sorted(set(steps or cfg.eval.steps))
     t0 = time.perf_counter()
-    dataset, info = build_eval_dataset(cfg, split="val")
-    n = len(dataset) if max_images is None else min(len(dataset), max_images)
+    if max_images is not None:
+        cfg = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, max_images=max_images))
+    data = build_eval_dataset(cfg, split="val")
+    cfg = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, evaluator=data.kind))
+    n = len(data.dataset)
     indices = list(range(rank, n, world_size))
     samplers = {s: dataclasses.replace(cfg.sampler, steps=s) for s in steps}
     local = predict_split(
         model,
         cfg,
-        dataset,
+        data.dataset,
         indices,
         samplers,
         device,
-        info.category_ids,
+        data.category_ids,
         progress_every=max(1, 20 // cfg.eval.batch_size) if rank == 0 else 0,
     )
     gathered = dist.gather_to_rank0(local)
     if rank != 0:
         return None
-    image_ids = [dataset.image_id(i) for i in range(n)]
     merged = {s: [r for part in gathered or [] for r in part[s]] for s in steps}
-    results = score_all(info.gt, cfg, info.category_ids, image_ids, merged)
-    files = write_ap_tables(results, out_dir, info.kind) if out_dir is not None else {}
+    results = score_all(data.gt_json, cfg, data.category_ids, data.image_ids, merged)
+    files = write_ap_tables(results, out_dir, data.kind) if out_dir is not None else {}
     return EvalOutcome(
         results=results,
-        flat_metrics=flat_metrics(results, info.kind),
-        table=format_ap_table(results, info.kind),
+        flat_metrics=flat_metrics(results, data.kind),
+        table=format_ap_table(results, data.kind),
         num_images=n,
-        kind=info.kind,
+        kind=data.kind,
         files=files,
         seconds=time.perf_counter() - t0,
     )

@@ -79,12 +79,11 @@ class Predictor:
             per image ``{"boxes": [M,4] abs xyxy, "scores": [M], "labels": [M], "masks": bool [M,H,W]}``
             in that image's original frame.
         """
-        from diffusioninst.data.transforms import resize_for_test
+        from diffusioninst.data.transforms import eval_image
         from diffusioninst.model import GeneratorNoise
         from diffusioninst.structures import Batch
 
-        aug = self.cfg.data.augmentation
-        resized = [resize_for_test(im, aug.min_size_test, aug.max_size_test) for im in images]
+        resized = [eval_image(im, self.cfg.data.augmentation) for im in images]
         batch = Batch.from_images(
             resized, size_divisibility=self.cfg.model.size_divisibility, orig_sizes=[im.shape[:2] for im in images]
         ).to(self.device)

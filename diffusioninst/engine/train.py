@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from diffusioninst.config import ExperimentConfig, build_config, to_yaml
+from diffusioninst.data.loaders import per_rank_batch_size
 from diffusioninst.engine import dist
 from diffusioninst.engine.checkpoint import (
     STATE_FILE,
@@ -81,23 +82,16 @@ def autocast_context(cfg: ExperimentConfig, device: torch.device):
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
 
 
-def per_worker_batch_size(cfg: ExperimentConfig, world_size: int) -> int:
-    return cfg.solver.ims_per_batch // (world_size * cfg.solver.grad_accum_steps)
-
-
-def _train_batches(cfg: ExperimentConfig, session: Session, seed: int, batch_size: int) -> Iterator[Batch]:
+def _train_batches(cfg: ExperimentConfig, session: Session, seed: int) -> Iterator[Batch]:
     """Endless stream of training batches for this rank (Ray Data shard if one was given, else a local loader)."""
     shard = session.dataset_shard("train")
     if shard is not None:
-        from diffusioninst.data.ray_ingest import iterate_shard
+        from diffusioninst.data import iter_train_batches
 
-        yield from iterate_shard(shard, cfg, batch_size=batch_size, seed=seed)
-        return
+        return iter_train_batches(shard, cfg, world_size=session.world_size, seed=seed)
     from diffusioninst.data import build_train_loader
 
-    yield from build_train_loader(
-        cfg, rank=session.rank, world_size=session.world_size, seed=seed, batch_size=batch_size
-    )
+    return iter(build_train_loader(cfg, rank=session.rank, world_size=session.world_size, seed=seed))
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -142,9 +136,9 @@ def run_training(cfg: ExperimentConfig, session: Session, tracking: TrackingInfo
     ddp_model = _wrap_ddp(model, cfg, session)
 
     world = session.world_size
-    batch_size = per_worker_batch_size(cfg, world)
+    batch_size = per_rank_batch_size(cfg, world)
     seed = cfg.solver.seed + 1_000_003 * start_iter  # a resumed run draws a fresh, deterministic stream
-    batches = _train_batches(cfg, session, seed=seed, batch_size=batch_size)
+    batches = _train_batches(cfg, session, seed=seed)
     noise = GeneratorNoise(torch.Generator(device="cpu").manual_seed(seed * 31 + session.rank))
     progress = Progress(cfg.solver.max_iter, start=start_iter)
     if session.rank == 0 and start_iter == 0:

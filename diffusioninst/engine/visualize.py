@@ -120,16 +120,15 @@ def prediction_samples(
     from diffusioninst.data import build_eval_dataset, collate
     from diffusioninst.model import GeneratorNoise
 
-    dataset, info = build_eval_dataset(cfg, split="val")
-    items = [dataset[i] for i in range(min(num_images, len(dataset)))]
-    batch = collate(items).to(device)
+    data = build_eval_dataset(cfg, split="val")
+    items = [data.dataset[i] for i in range(min(num_images, len(data.dataset)))]
+    batch = collate(items, cfg.model.size_divisibility).to(device)
     model.eval()
     sampler = dataclasses.replace(cfg.sampler, steps=1)
     noise = [GeneratorNoise(torch.Generator().manual_seed(cfg.eval.seed + i)) for i in range(len(items))]
     results = model.predict(batch.images, batch.image_sizes, batch.orig_sizes, sampler, noise=noise)
     pictures = [
-        draw_overlay(dataset.original_image(i), results[i], info.class_names, score_threshold)
-        for i in range(len(items))
+        draw_overlay(data.dataset.images(i), results[i], data.class_names, score_threshold) for i in range(len(items))
     ]
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
