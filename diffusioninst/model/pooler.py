@@ -65,9 +65,7 @@ class MultiLevelRoIAlign:
             return roi_align(feat0, rois, self.output_size, self.scales[0], self.sampling_ratio, aligned=True)
         levels = assign_levels(flat, self.min_level, self.max_level, self.canonical_box_size, self.canonical_level)
         for level, (feat, scale) in enumerate(zip(features, self.scales)):
-            idx = torch.nonzero(levels == level).squeeze(1)
-            if idx.numel() == 0:
-                continue
+            idx = torch.nonzero(levels == level).squeeze(1)  # pooled even when empty: keeps the level in the graph
             pooled = roi_align(feat, rois[idx].to(feat.dtype), self.output_size, scale, self.sampling_ratio, aligned=True)
             out.index_put_((idx,), pooled)
         return out

@@ -14,6 +14,8 @@ bit for bit (checked by the tests against the reference path), so both paths giv
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -26,6 +28,7 @@ __all__ = ["output_boxes", "postprocess"]
 
 _STRIDE = 4
 _CHUNK_ELEMS = 1 << 23  # elements of the largest per-chunk intermediate
+_BIN_RATIO = 1.25  # windows in one chunk differ by less than this factor in height and in width  # boxes larger than this fraction of the output image use the full-image route
 
 
 def output_boxes(boxes: Tensor, input_size: tuple[int, int], output_size: tuple[int, int]) -> tuple[Tensor, Tensor]:
@@ -61,95 +64,99 @@ def _stage_b(in_len: int, out_len: int, device: torch.device) -> tuple[Tensor, T
     return i0, i1, 1 - w1, w1
 
 
-def _lerp_gather(x: Tensor, dim: int, i0: Tensor, i1: Tensor, w0: Tensor, w1: Tensor) -> Tensor:
-    """Per-instance 2-tap interpolation along ``dim`` (1 or 2) of x [M, A, B]; indices/weights [M, L]."""
-    if dim == 1:
-        shape = (x.shape[0], i0.shape[1], x.shape[2])
-        a = torch.gather(x, 1, i0[:, :, None].expand(shape))
-        b = torch.gather(x, 1, i1[:, :, None].expand(shape))
-        return torch.addcmul(b * w1[:, :, None], a, w0[:, :, None])
-    shape = (x.shape[0], x.shape[1], i0.shape[1])
-    a = torch.gather(x, 2, i0[:, None, :].expand(shape))
-    b = torch.gather(x, 2, i1[:, None, :].expand(shape))
-    return torch.addcmul(b * w1[:, None, :], a, w0[:, None, :])
+def _lerp_rows(x: Tensor, i0: Tensor, i1: Tensor, w0: Tensor, w1: Tensor) -> Tensor:
+    """Per-instance 2-tap interpolation along dim 1 of x [M, A, B]; indices/weights [M, L] -> [M, L, B].
+
+    Advanced indexing copies whole rows (much faster than ``gather`` on CPU); the arithmetic is PyTorch's.
+    """
+    inst = torch.arange(x.shape[0], device=x.device)[:, None]
+    return torch.addcmul(x[inst, i1] * w1[:, :, None], x[inst, i0], w0[:, :, None])
+
+
+def _lerp_cols(x: Tensor, i0: Tensor, i1: Tensor, w0: Tensor, w1: Tensor) -> Tensor:
+    """Same along dim 2: x [M, A, B], indices/weights [M, L] -> [M, A, L] (via contiguous transposes)."""
+    return _lerp_rows(x.transpose(1, 2).contiguous(), i0, i1, w0, w1).transpose(1, 2).contiguous()
 
 
 def _windowed_masks(
-    det: Detections, int_boxes: Tensor, in_size: tuple[int, int], out_size: tuple[int, int], thr: float, head
-) -> Tensor:
-    feat, kernels = det.mask_feat, det.kernels
+    masks: Tensor, which: Tensor, det: Detections, int_boxes: Tensor, in_size: tuple[int, int], thr: float, head
+) -> None:
+    """Render instances ``which`` into ``masks`` [M, H, W] (zeros), evaluating only the F_mask window feeding
+    each box; all per-instance work is batched (chunks of similar size), only the final copy loops."""
+    feat = det.mask_feat
     device = feat.device
-    m = int_boxes.shape[0]
-    (h, w), (oh, ow) = in_size, out_size
-    masks = torch.zeros((m, oh, ow), dtype=torch.bool, device=device)
+    (h, w), (oh, ow) = in_size, tuple(masks.shape[-2:])
     gy, gx = feat.shape[-2:]
-    ay = _stage_a(gy, h, device)
-    ax = _stage_a(gx, w, device)
-    by = _stage_b(h, oh, device)
-    bx = _stage_b(w, ow, device)
-    x1, y1, x2, y2 = int_boxes.unbind(1)
-    valid = (x2 > x1) & (y2 > y1)
-    idx = torch.nonzero(valid).squeeze(1)
-    if idx.numel() == 0:
-        return masks
-    x1, y1, x2, y2 = x1[idx], y1[idx], x2[idx], y2[idx]
-    # window bounds on each grid, per instance
-    a_ylo, a_yhi = by[0][y1], by[1][y2 - 1]
-    a_xlo, a_xhi = bx[0][x1], bx[1][x2 - 1]
-    p_ylo, p_yhi = ay[0][a_ylo], ay[1][a_yhi]
-    p_xlo, p_xhi = ax[0][a_xlo], ax[1][a_xhi]
-    sizes = torch.stack([y2 - y1, x2 - x1, a_yhi - a_ylo + 1, a_xhi - a_xlo + 1, p_yhi - p_ylo + 1, p_xhi - p_xlo + 1], 1)
-    order = torch.argsort((sizes[:, 0] * sizes[:, 1]).cpu(), descending=True).to(device)
-    start = 0
+    ay, ax = _stage_a(gy, h, device), _stage_a(gx, w, device)
+    by, bx = _stage_b(h, oh, device), _stage_b(w, ow, device)
+    x1, y1, x2, y2 = int_boxes[which].unbind(1)
+    # window bounds per instance: output box -> input-size grid (A) -> F_mask grid (P)
+    a_ylo, a_yhi, a_xlo, a_xhi = by[0][y1], by[1][y2 - 1], bx[0][x1], bx[1][x2 - 1]
+    p_ylo, p_yhi, p_xlo, p_xhi = ay[0][a_ylo], ay[1][a_yhi], ax[0][a_xlo], ax[1][a_xhi]
+    sizes = torch.stack(
+        [y2 - y1, x2 - x1, a_yhi - a_ylo + 1, a_xhi - a_xlo + 1, p_yhi - p_ylo + 1, p_xhi - p_xlo + 1], 1
+    )
+    # chunks of instances whose windows have similar height and width (little padding), bounded in memory
+    shape_bin = torch.floor(torch.log(sizes[:, :2].double()) / math.log(_BIN_RATIO)).long()
+    order = torch.argsort(shape_bin[:, 0] * 4096 + shape_bin[:, 1], stable=True)
+    chunks, start = [], 0
     while start < len(order):
-        # greedy chunk: as many instances as fit the element budget at the chunk's largest window
-        biggest = sizes[order[start]].tolist()
-        per = max(biggest[0] * biggest[1], biggest[2] * biggest[3], head.hidden_channels * biggest[4] * biggest[5], 1)
-        count = max(1, _CHUNK_ELEMS // per)
-        sel = order[start : start + count]
-        start += count
+        first = order[start]
+        end = start + 1
+        while end < len(order) and bool((shape_bin[order[end]] == shape_bin[first]).all()):
+            end += 1
+        peak = sizes[order[start:end]].max(0).values.tolist()
+        per = max(peak[0] * peak[1], peak[2] * peak[3], head.hidden_channels * peak[4] * peak[5], 1)
+        step = max(1, _CHUNK_ELEMS // per)
+        chunks += [order[i : min(i + step, end)] for i in range(start, end, step)]
+        start = end
+    for sel in chunks:
         ny, nx, nay, nax, npy, npx = sizes[sel].max(0).values.tolist()
-        ar = lambda n: torch.arange(n, device=device)  # noqa: E731
-        rows = torch.clamp(p_ylo[sel, None] + ar(npy), max=gy - 1)
-        cols = torch.clamp(p_xlo[sel, None] + ar(npx), max=gx - 1)
+
+        def span(lo: Tensor, n: int, limit: int) -> Tensor:
+            return torch.clamp(lo[sel, None] + torch.arange(n, device=device), max=limit - 1)
+
+        def local(table: tuple[Tensor, ...], at: Tensor, lo: Tensor, n: int) -> tuple[Tensor, ...]:
+            i0 = (table[0][at] - lo[sel, None]).clamp(0, n - 1)
+            i1 = (table[1][at] - lo[sel, None]).clamp(0, n - 1)
+            return i0, i1, table[2][at], table[3][at]
+
+        rows, cols = span(p_ylo, npy, gy), span(p_xlo, npx, gx)
         window = feat[:, rows[:, :, None], cols[:, None, :]].permute(1, 0, 2, 3)  # [Mc, C, npy, npx]
-        probs = head.per_instance(window, kernels[idx[sel]]).sigmoid()
-        # stage A (aligned x4), width then height, on A-grid windows
-        a_cols = torch.clamp(a_xlo[sel, None] + ar(nax), max=w - 1)
-        i0, i1 = (ax[0][a_cols] - p_xlo[sel, None]).clamp(0, npx - 1), (ax[1][a_cols] - p_xlo[sel, None]).clamp(0, npx - 1)
-        t = _lerp_gather(probs, 2, i0, i1, ax[2][a_cols], ax[3][a_cols])
-        a_rows = torch.clamp(a_ylo[sel, None] + ar(nay), max=h - 1)
-        i0, i1 = (ay[0][a_rows] - p_ylo[sel, None]).clamp(0, npy - 1), (ay[1][a_rows] - p_ylo[sel, None]).clamp(0, npy - 1)
-        t = _lerp_gather(t, 1, i0, i1, ay[2][a_rows], ay[3][a_rows])
-        # stage B (resize to the output size), width then height
-        o_cols = torch.clamp(x1[sel, None] + ar(nx), max=ow - 1)
-        i0, i1 = (bx[0][o_cols] - a_xlo[sel, None]).clamp(0, nax - 1), (bx[1][o_cols] - a_xlo[sel, None]).clamp(0, nax - 1)
-        t = _lerp_gather(t, 2, i0, i1, bx[2][o_cols], bx[3][o_cols])
-        o_rows = torch.clamp(y1[sel, None] + ar(ny), max=oh - 1)
-        i0, i1 = (by[0][o_rows] - a_ylo[sel, None]).clamp(0, nay - 1), (by[1][o_rows] - a_ylo[sel, None]).clamp(0, nay - 1)
-        t = _lerp_gather(t, 1, i0, i1, by[2][o_rows], by[3][o_rows]) > thr
-        for j, (k, ya, yb, xa, xb) in enumerate(zip(idx[sel].tolist(), y1[sel].tolist(), y2[sel].tolist(), x1[sel].tolist(), x2[sel].tolist())):
-            masks[k, ya:yb, xa:xb] = t[j, : yb - ya, : xb - xa]
-    return masks
+        t = head.per_instance(window, det.kernels[which[sel]]).sigmoid()
+        # stage A (aligned x4 to the input grid), width then height
+        t = _lerp_cols(t, *local(ax, span(a_xlo, nax, w), p_xlo, npx))
+        t = _lerp_rows(t, *local(ay, span(a_ylo, nay, h), p_ylo, npy))
+        # stage B (resize to the output size), width then height; equal sizes make it exactly the identity
+        if ow != w:
+            t = _lerp_cols(t, *local(bx, span(x1, nx, ow), a_xlo, nax))
+        if oh != h:
+            t = _lerp_rows(t, *local(by, span(y1, ny, oh), a_ylo, nay))
+        t = t > thr
+        for j, k in enumerate(sel.tolist()):
+            ya, yb, xa, xb = int(y1[k]), int(y2[k]), int(x1[k]), int(x2[k])
+            masks[int(which[k]), ya:yb, xa:xb] = t[j, : yb - ya, : xb - xa]
 
 
-def _reference_masks(
-    det: Detections, int_boxes: Tensor, in_size: tuple[int, int], out_size: tuple[int, int], thr: float, head
-) -> Tensor:
-    (h, w), (oh, ow) = in_size, out_size
-    m = int_boxes.shape[0]
-    masks = torch.zeros((m, oh, ow), dtype=torch.bool, device=det.mask_feat.device)
+def _full_masks(
+    masks: Tensor, which: Tensor, det: Detections, int_boxes: Tensor, in_size: tuple[int, int], thr: float, head
+) -> None:
+    """Render instances ``which`` into ``masks`` [M, H, W] with the straightforward whole-image pipeline
+    (official order of operations), chunked over instances."""
+    (h, w), (oh, ow) = in_size, tuple(masks.shape[-2:])
+    device = det.mask_feat.device
     chunk = max(1, _CHUNK_ELEMS // max(oh * ow, 1))
-    for s in range(0, m, chunk):
-        ker = det.kernels[s : s + chunk]
+    rows = torch.arange(oh, device=device)[None, :, None]
+    cols = torch.arange(ow, device=device)[None, None, :]
+    for s in range(0, len(which), chunk):
+        part = which[s : s + chunk]
+        ker = det.kernels[part]
         feat = det.mask_feat[None].expand(ker.shape[0], *det.mask_feat.shape)
         probs = head.per_instance(feat, ker).sigmoid()[:, None]
         up = aligned_bilinear(probs, _STRIDE)[:, :, :h, :w]
-        masks[s : s + chunk] = F.interpolate(up, size=(oh, ow), mode="bilinear", align_corners=False)[:, 0] > thr
-    keep = torch.zeros_like(masks)
-    for k, (x1, y1, x2, y2) in enumerate(int_boxes.tolist()):
-        keep[k, y1:y2, x1:x2] = True
-    return masks & keep
+        inside = F.interpolate(up, size=(oh, ow), mode="bilinear", align_corners=False)[:, 0] > thr
+        x1, y1, x2, y2 = (v[:, None, None] for v in int_boxes[part].unbind(1))
+        masks[part] = inside & (rows >= y1) & (rows < y2) & (cols >= x1) & (cols < x2)
 
 
 @torch.no_grad()
@@ -186,6 +193,8 @@ def postprocess(
         mask_feat=det.mask_feat, image_size=det.image_size,
     )
     int_boxes = boxes.long()
-    render = _reference_masks if reference else _windowed_masks
-    masks = render(kept, int_boxes, input_size, output_size, mask_threshold, head)
+    masks = torch.zeros((len(boxes), *output_size), dtype=torch.bool, device=boxes.device)
+    area = (int_boxes[:, 2] - int_boxes[:, 0]).clamp(min=0) * (int_boxes[:, 3] - int_boxes[:, 1]).clamp(min=0)
+    render = _full_masks if reference else _windowed_masks
+    render(masks, torch.nonzero(area > 0).squeeze(1), kept, int_boxes, input_size, mask_threshold, head)
     return {"boxes": boxes, "scores": kept.scores, "labels": kept.labels, "masks": masks}
