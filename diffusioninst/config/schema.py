@@ -42,7 +42,11 @@ class BackboneConfig:
         "frozen_bn", help="ResNet normalisation; frozen_bn as detectron2 FrozenBatchNorm2d"
     )
     stem_out_channels: int = option(64, min=1, help="ResNet stem width (detectron2 STEM_OUT_CHANNELS)")
-    res2_out_channels: int = option(256, min=1, help="ResNet res2 output width; doubles per stage (RES2_OUT_CHANNELS)")
+    res2_out_channels: int | None = option(
+        None,
+        min=1,
+        help="ResNet res2 output width, doubling per stage (RES2_OUT_CHANNELS); null = 64 for ResNet-18/34, 256 otherwise",
+    )
     width_per_group: int = option(64, min=1, help="bottleneck width at res2 per group (WIDTH_PER_GROUP)")
     num_groups: int = option(1, min=1, help="bottleneck groups (ResNeXt when > 1)")
     stride_in_1x1: bool = option(False, help="put the stride on the 1x1 conv (MSRA style) instead of the 3x3")

@@ -31,11 +31,13 @@ def build_backbone(cfg: ModelConfig) -> nn.Module:
     """
     b = cfg.backbone
     if b.name.startswith("resnet"):
+        depth = int(b.name[len("resnet") :])
+        res2 = b.res2_out_channels if b.res2_out_channels is not None else (64 if depth in (18, 34) else 256)
         backbone: nn.Module = ResNet(
-            depth=int(b.name[len("resnet") :]),
+            depth=depth,
             norm=b.norm,
             stem_out_channels=b.stem_out_channels,
-            res2_out_channels=b.res2_out_channels,
+            res2_out_channels=res2,
             width_per_group=b.width_per_group,
             num_groups=b.num_groups,
             stride_in_1x1=b.stride_in_1x1,
