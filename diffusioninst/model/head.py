@@ -87,14 +87,17 @@ class DynamicHead(nn.Module):
         Returns:
             ``logits`` [S, B, N, K], ``boxes`` [S, B, N, 4] abs xyxy, ``kernels`` [S, B, N, P] for the S stages.
         """
-        time_emb = self.time_mlp(t)
+        # one time step shared by the batch (sampling): embed it once, so every image gets exactly the numbers
+        # a single-image run computes (a matrix product over B rows may round differently from one row)
+        shared = bool((t == t[0]).all())
+        time_emb = self.time_mlp(t[:1]).expand(t.shape[0], -1) if shared else self.time_mlp(t)
         logits, pred_boxes, kernels = [], [], []
         pro = None
         if trace is not None:
             trace.update(time_emb=time_emb, stages=[])
         for stage in self.stages:
             roi = self.pooler(features, boxes)
-            cls, box, obj, ker = stage(roi, boxes, pro, time_emb)
+            cls, box, obj, ker = stage(roi, boxes, pro, time_emb, shared_time=shared)
             if trace is not None:
                 trace["stages"].append(dict(in_boxes=boxes, roi=roi, obj=obj, logits=cls, boxes=box, kernels=ker))
             logits.append(cls)

@@ -103,7 +103,7 @@ class HeadStage(nn.Module):
         self.scale_clamp = scale_clamp
 
     def forward(
-        self, roi: Tensor, boxes: Tensor, pro: Tensor | None, time_emb: Tensor
+        self, roi: Tensor, boxes: Tensor, pro: Tensor | None, time_emb: Tensor, shared_time: bool = False
     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """
         Args:
@@ -111,6 +111,7 @@ class HeadStage(nn.Module):
             boxes: [B, N, 4] abs xyxy input boxes (float32 or float64).
             pro: [B, N, d] proposal features from the previous stage, or None (stage 0: mean of ``roi``).
             time_emb: [B, 4d] time embedding.
+            shared_time: all rows of ``time_emb`` are equal (projected once and repeated).
         Returns:
             class logits [B, N, K], boxes [B, N, 4] abs xyxy (float32), obj features [B, N, d],
             mask params [B, N, num_mask_params].
@@ -131,7 +132,8 @@ class HeadStage(nn.Module):
         x = self.norm3(x + self.dropout3(self.linear2(self.dropout(self.activation(self.linear1(x))))))
         obj = x
 
-        scale, shift = self.time_proj(time_emb).repeat_interleave(n, dim=0).chunk(2, dim=1)
+        film = self.time_proj(time_emb[:1]).expand(b, -1) if shared_time else self.time_proj(time_emb)
+        scale, shift = film.repeat_interleave(n, dim=0).chunk(2, dim=1)
         fc = x * (scale + 1) + shift
         cls_feat = self.cls_branch(fc)
         reg_feat = self.reg_branch(fc)

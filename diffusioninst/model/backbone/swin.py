@@ -22,9 +22,10 @@ class SwinBackbone(nn.Module):
         name: a timm swin model name (``swin_base_patch4_window7_224``, ``swin_large_patch4_window12_384``...).
         freeze_at: 1 freezes the patch embedding, k >= 2 also stages 0..k-2 (as ResNet stem/res2..).
         drop_path_rate: stochastic depth.
+        timm_kwargs: architecture overrides passed to ``timm.create_model`` (e.g. a tiny Swin in tests).
     """
 
-    def __init__(self, name: str, freeze_at: int = 0, drop_path_rate: float = 0.0):
+    def __init__(self, name: str, freeze_at: int = 0, drop_path_rate: float = 0.0, **timm_kwargs):
         super().__init__()
         if not name.startswith("swin"):
             raise ValueError(f"model.backbone.name: '{name}' is not a timm Swin model")
@@ -36,6 +37,7 @@ class SwinBackbone(nn.Module):
                 strict_img_size=False,
                 always_partition=True,
                 drop_path_rate=drop_path_rate,
+                **timm_kwargs,
             )
         except RuntimeError as e:  # unknown model name
             raise ValueError(f"model.backbone.name: timm cannot build '{name}': {e}") from None
