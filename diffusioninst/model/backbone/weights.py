@@ -137,8 +137,8 @@ def load_backbone_weights(backbone: nn.Module, path: str | Path) -> BackboneLoad
         is_stat = k.endswith(("running_mean", "running_var", "num_batches_tracked"))
         if k.endswith("num_batches_tracked") or (is_stat and isinstance(owner, FrozenBatchNorm2d)):
             optional.append(k)
-        elif "attn_mask" in k or "relative_position_index" in k:
-            optional.append(k)
+        elif "attn_mask" in k or "relative_position_index" in k or k.startswith("out_norms."):
+            optional.append(k)  # buffers / the detection Swin's output norms (absent from ImageNet files)
         else:
             missing.append(k)
     bad_shape = [
