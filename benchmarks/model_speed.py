@@ -141,7 +141,12 @@ def model_config(name: str) -> tuple[ModelConfig, tuple[int, int], int, int]:
         return ModelConfig(), (800, 1216), 1, 3
     if name == "demo":
         cfg = load_config(ExperimentConfig, ROOT / "experiments" / "demo.yaml")
-        return cfg.model, tuple(cfg.data.synthetic.image_size), cfg.solver.ims_per_batch // max(cfg.ray.num_workers, 1), 5
+        return (
+            cfg.model,
+            tuple(cfg.data.synthetic.image_size),
+            cfg.solver.ims_per_batch // max(cfg.ray.num_workers, 1),
+            5,
+        )
     raise ValueError(f"unknown config {name}")
 
 

@@ -177,7 +177,9 @@ def check_state_dict(model: nn.Module, state: dict[str, Tensor], source: str) ->
         lines = [f"{source} does not fit the model:"]
         for title, items in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", shapes)):
             if items:
-                lines.append(f"  {title} ({len(items)}): " + ", ".join(items[:20]) + (" ..." if len(items) > 20 else ""))
+                lines.append(
+                    f"  {title} ({len(items)}): " + ", ".join(items[:20]) + (" ..." if len(items) > 20 else "")
+                )
         raise CheckpointError("\n".join(lines))
 
 

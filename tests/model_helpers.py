@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from diffusioninst.config.schema import (
@@ -14,11 +15,19 @@ from diffusioninst.config.schema import (
 from diffusioninst.model import build_model
 
 
+@pytest.fixture(autouse=True)
+def single_thread():
+    """Tiny tensors gain nothing from threads, and on a shared 2-core box OpenMP barriers can stall 10x."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def tiny_config(**head) -> ModelConfig:
     """A ResNet-18 / 2-stage model small enough for unit tests."""
-    h = dict(
-        num_classes=5, num_proposals=16, hidden_dim=32, nheads=4, dim_feedforward=64, dim_dynamic=8, num_stages=2
-    )
+    h = {"num_classes": 5, "num_proposals": 16, "hidden_dim": 32, "nheads": 4, "dim_feedforward": 64}
+    h |= {"dim_dynamic": 8, "num_stages": 2}
     h.update(head)
     return ModelConfig(
         backbone=BackboneConfig(name="resnet18", freeze_at=0, norm="bn"),

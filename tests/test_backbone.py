@@ -7,12 +7,13 @@ import pickle
 import pytest
 import torch
 import torchvision
+from model_helpers import single_thread  # noqa: F401 (autouse fixture)
 
 from diffusioninst.config.schema import BackboneConfig, ModelConfig
 from diffusioninst.model.backbone import FPN, FrozenBatchNorm2d, ResNet, SwinBackbone, build_backbone
 from diffusioninst.model.backbone.weights import load_backbone_weights
 
-TINY_SWIN = dict(embed_dim=16, depths=(1, 1, 2, 1), num_heads=(1, 2, 2, 4))
+TINY_SWIN = {"embed_dim": 16, "depths": (1, 1, 2, 1), "num_heads": (1, 2, 2, 4)}
 
 
 def _randomize_bn(module: torch.nn.Module, seed: int = 0) -> None:
@@ -52,7 +53,12 @@ def test_detectron2_pkl_and_caffe2_names(tmp_path):
     c2 = {}
     for k, v in state.items():
         k = k.replace("stem.conv1.norm.", "res_conv1_bn_").replace("stem.conv1.weight", "conv1_w")
-        for ours, theirs in (("conv1", "branch2a"), ("conv2", "branch2b"), ("conv3", "branch2c"), ("shortcut", "branch1")):
+        for ours, theirs in (
+            ("conv1", "branch2a"),
+            ("conv2", "branch2b"),
+            ("conv3", "branch2c"),
+            ("shortcut", "branch1"),
+        ):
             k = k.replace(f".{ours}.norm.", f"_{theirs}_bn_").replace(f".{ours}.weight", f"_{theirs}_w")
         k = k.replace("weight", "s").replace("bias", "b").replace("running_mean", "rm").replace("running_var", "riv")
         c2[k.replace(".", "_")] = v.numpy()
@@ -76,7 +82,9 @@ def test_missing_file_and_wrong_shapes_give_clear_errors(tmp_path):
 
 def test_freeze_at_and_norm_options():
     net = ResNet(depth=18, res2_out_channels=64, norm="bn", freeze_at=2)
-    assert all(not p.requires_grad for p in net.stem.parameters()) and all(not p.requires_grad for p in net.res2.parameters())
+    assert all(not p.requires_grad for p in net.stem.parameters()) and all(
+        not p.requires_grad for p in net.res2.parameters()
+    )
     assert isinstance(net.stem.conv1.norm, FrozenBatchNorm2d) and isinstance(net.res2[0].conv1.norm, FrozenBatchNorm2d)
     assert all(p.requires_grad for p in net.res3.parameters())
     assert isinstance(net.res3[0].conv1.norm, torch.nn.BatchNorm2d)
@@ -100,7 +108,12 @@ def test_swin_accepts_non_square_multiples_of_32_and_timm_weights(tmp_path):
     x = torch.randn(1, 3, 96, 160)  # multiples of 32, not of the window (7 patches)
     with torch.no_grad():
         feats = swin(x)
-    assert [tuple(f.shape) for f in feats.values()] == [(1, 16, 24, 40), (1, 32, 12, 20), (1, 64, 6, 10), (1, 128, 3, 5)]
+    assert [tuple(f.shape) for f in feats.values()] == [
+        (1, 16, 24, 40),
+        (1, 32, 12, 20),
+        (1, 64, 6, 10),
+        (1, 128, 3, 5),
+    ]
     with pytest.raises(ValueError, match="multiples of 32"):
         swin(torch.randn(1, 3, 100, 160))
     # timm names (body.*) and Microsoft names (downsample at the end of a stage, norm{i} output norms)
@@ -125,7 +138,9 @@ def test_swin_accepts_non_square_multiples_of_32_and_timm_weights(tmp_path):
             assert all(torch.equal(out[k], feats[k]) for k in feats)
         else:
             assert torch.equal(other.out_norms[0].weight, torch.full((16,), 2.0))
-            assert torch.equal(other.body.layers[1].downsample.reduction.weight, swin.body.layers[1].downsample.reduction.weight)
+            assert torch.equal(
+                other.body.layers[1].downsample.reduction.weight, swin.body.layers[1].downsample.reduction.weight
+            )
 
 
 def test_fpn_levels_and_strides():

@@ -9,7 +9,10 @@ import re
 import pytest
 import torch
 import yaml
-from model_helpers import tiny_config
+from model_helpers import (
+    single_thread,  # noqa: F401 (autouse fixture)
+    tiny_config,
+)
 
 from diffusioninst.convert import CheckpointError, convert_official_state_dict, load_checkpoint, main
 from diffusioninst.model import build_model
@@ -120,7 +123,9 @@ def test_missing_unexpected_and_misshaped_keys_are_reported(models, tmp_path):
     assert "unexpected (1): head.stages.0.extra.weight" in text
     assert "fpn.output_convs.0.bias: checkpoint [7] vs model [32]" in text
     load_checkpoint(dst, tmp_path / "bad.pth", strict=False)  # loads every key that fits
-    assert torch.equal(dst.state_dict()["head.stages.0.class_logits.weight"], src.state_dict()["head.stages.0.class_logits.weight"])
+    assert torch.equal(
+        dst.state_dict()["head.stages.0.class_logits.weight"], src.state_dict()["head.stages.0.class_logits.weight"]
+    )
 
 
 def test_schedule_mismatch_and_missing_file(models, tmp_path):
@@ -135,7 +140,9 @@ def test_schedule_mismatch_and_missing_file(models, tmp_path):
 
 
 def test_unmatched_official_keys_are_reported():
-    ours, report = convert_official_state_dict({"head.head_series.0.norm1.weight": torch.ones(2), "pixel_mean": torch.ones(3)})
+    ours, report = convert_official_state_dict(
+        {"head.head_series.0.norm1.weight": torch.ones(2), "pixel_mean": torch.ones(3)}
+    )
     assert list(ours) == ["head.stages.0.norm1.weight"] and report["unmatched"] == ["pixel_mean"]
 
 
@@ -158,4 +165,14 @@ def test_cli_checks_against_an_official_config(models, tmp_path):
     model_cfg, sampler_cfg = from_official_config(tmp_path / "config.yaml")
     assert model_cfg.head == cfg.head and sampler_cfg.steps == 4 and model_cfg.backbone.norm == "bn"
     # the official mask branch is 128 wide with 4 convs: our tiny 16/1 model does not fit it
-    assert main([str(tmp_path / "official.pth"), str(tmp_path / "o.pth"), "--official-config", str(tmp_path / "config.yaml")]) == 1
+    assert (
+        main(
+            [
+                str(tmp_path / "official.pth"),
+                str(tmp_path / "o.pth"),
+                "--official-config",
+                str(tmp_path / "config.yaml"),
+            ]
+        )
+        == 1
+    )

@@ -200,7 +200,9 @@ class TestMatcher:
 
     def test_stale_rematch_rows_quirk(self):
         cost = torch.tensor([[17.8, 8.2, 13.9], [11.8, 14.3, 6.6], [14.9, 3.0, 12.3], [3.2, 0.1, 2.0]])
-        ious = torch.tensor([[0.216, 0.911, 0.909], [0.450, 0.027, 0.079], [0.210, 0.088, 0.424], [0.061, 0.128, 0.008]])
+        ious = torch.tensor(
+            [[0.216, 0.911, 0.909], [0.450, 0.027, 0.079], [0.210, 0.088, 0.424], [0.061, 0.128, 0.008]]
+        )
         # all GTs pick query 3, which keeps GT 1; GTs 0 and 2 both take query 1. The official loop resolves
         # conflicts on the rows that conflicted before it ({3}), so query 1 keeps both GTs.
         sel, gt_idx, _, _ = DynamicKMatcher(LossConfig()).assign(cost, ious)
@@ -210,7 +212,9 @@ class TestMatcher:
 
     def test_no_gt_gives_empty_match(self):
         m = DynamicKMatcher(LossConfig())
-        match = m(torch.zeros(4, 3), torch.rand(4, 4), torch.zeros(0, 4), torch.zeros(0, dtype=torch.long), torch.ones(4))
+        match = m(
+            torch.zeros(4, 3), torch.rand(4, 4), torch.zeros(0, 4), torch.zeros(0, dtype=torch.long), torch.ones(4)
+        )
         assert not match.selected.any() and match.gt_indices.numel() == 0
 
 

@@ -6,7 +6,11 @@ import dataclasses
 
 import pytest
 import torch
-from model_helpers import batch, tiny_model
+from model_helpers import (
+    batch,
+    single_thread,  # noqa: F401 (autouse fixture)
+    tiny_model,
+)
 
 from diffusioninst.config.schema import SamplerConfig
 from diffusioninst.model import Detections, GeneratorNoise, ReplayNoise, postprocess
@@ -30,7 +34,9 @@ def test_batched_sampling_equals_one_by_one(setup, steps):
     model, enc, _, _ = setup
     cfg = SamplerConfig(steps=steps)
     one_by_one = model.sample(enc, cfg, [GeneratorNoise(10 + i) for i in range(3)], record=True)
-    batched = model.sample(enc, dataclasses.replace(cfg, batched=True), [GeneratorNoise(10 + i) for i in range(3)], record=True)
+    batched = model.sample(
+        enc, dataclasses.replace(cfg, batched=True), [GeneratorNoise(10 + i) for i in range(3)], record=True
+    )
     kept = [[int(s["keep"].sum()) for s in d.trace["steps"]] for d in batched]
     if steps > 1:
         assert len({k[0] for k in kept}) > 1, f"renewal should keep different counts per image here: {kept}"

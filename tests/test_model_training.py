@@ -6,7 +6,12 @@ import dataclasses
 
 import pytest
 import torch
-from model_helpers import batch, tiny_config, tiny_model
+from model_helpers import (
+    batch,
+    single_thread,  # noqa: F401 (autouse fixture)
+    tiny_config,
+    tiny_model,
+)
 
 from diffusioninst.config.schema import LossConfig, SamplerConfig
 from diffusioninst.model import GeneratorNoise, build_model
@@ -51,7 +56,11 @@ def test_flags_deep_supervision_and_aux_masks():
 def test_images_without_instances_train_on_a_fake_gt():
     model = _train_model()
     images, sizes, targets = batch([(64, 64), (64, 64)])
-    targets[0] = {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.long), "masks": torch.zeros(0, 64, 64)}
+    targets[0] = {
+        "boxes": torch.zeros(0, 4),
+        "labels": torch.zeros(0, dtype=torch.long),
+        "masks": torch.zeros(0, 64, 64),
+    }
     record: dict = {}
     losses = model(images, sizes, targets, noise=_noise(2), record=record)
     assert torch.allclose(record["corrupted"][0].x_start[0], torch.tensor([0.0, 0.0, 2.0, 2.0]))  # [.5,.5,1,1]
@@ -139,7 +148,7 @@ def test_from_scratch_bn_model_learns():
     bn = model.backbone.stem.conv1.norm
     mean_before = bn.running_mean.clone()
     history = []
-    for step in range(12):
+    for _ in range(12):
         losses = model(images, sizes, targets, noise=_noise(2, seed=100))  # same corruption every step
         loss = sum(losses.values())
         opt.zero_grad()

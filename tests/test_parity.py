@@ -13,7 +13,7 @@ probability is within float rounding of the threshold may flip on another CPU).
 from __future__ import annotations
 
 import os
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 import pytest
@@ -94,7 +94,7 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-@lru_cache(maxsize=None)
+@cache
 def inference_run(folder: Path):
     fx = Fixture(folder)
     model = fx.model().eval()
@@ -104,11 +104,13 @@ def inference_run(folder: Path):
     return fx, model, encoded, noise, det
 
 
-@lru_cache(maxsize=None)
+@cache
 def training_run(folder: Path):
     fx = Fixture(folder)
     model = fx.model().train()
-    targets = [{"boxes": fx.input["gt_boxes_abs_xyxy"], "labels": fx.input["gt_classes"], "masks": fx.input["gt_bitmasks"]}]
+    targets = [
+        {"boxes": fx.input["gt_boxes_abs_xyxy"], "labels": fx.input["gt_classes"], "masks": fx.input["gt_bitmasks"]}
+    ]
     noise = fx.replay(fx.train["rng_calls"])
     record: dict = {}
     losses = model(fx.images, fx.sizes, targets, noise=noise, record=record)
@@ -258,7 +260,11 @@ def test_losses(folder):
     fx, _, _, rec, losses, total = training_run(folder)
     for i, (ours, ref) in enumerate(zip(rec["dice"], fx.train["dice_calls"])):
         close(ours["per_instance"], ref["per_instance_loss"], f"dice call {i}")
-        close(ours["mask_logits"], fx.train["criterion_mask_head_calls"][i]["mask_logits"][0], f"criterion mask logits {i}")
+        close(
+            ours["mask_logits"],
+            fx.train["criterion_mask_head_calls"][i]["mask_logits"][0],
+            f"criterion mask logits {i}",
+        )
     assert set(losses) == set(fx.train["loss_weighted"]), "loss keys as official"
     for key, ref in fx.train["loss_raw"].items():
         close(rec["raw"][key], ref, f"raw {key}")

@@ -45,7 +45,7 @@ class BackboneConfig:
     res2_out_channels: int | None = option(
         None,
         min=1,
-        help="ResNet res2 output width, doubling per stage (RES2_OUT_CHANNELS); null = 64 for ResNet-18/34, 256 otherwise",
+        help="ResNet res2 output width, doubling per stage (RES2_OUT_CHANNELS); null = 64 (R18/34) or 256",
     )
     width_per_group: int = option(64, min=1, help="bottleneck width at res2 per group (WIDTH_PER_GROUP)")
     num_groups: int = option(1, min=1, help="bottleneck groups (ResNeXt when > 1)")
@@ -144,7 +144,9 @@ class LossConfig:
     ota_k: int = option(5, min=1, help="top-k IoUs summed to get each GT's dynamic k")
     center_radius: float = option(2.5, min=0.0, help="matcher center prior radius in units of GT size")
     outside_center_cost: float = option(
-        100.0, min=0.0, help="matcher cost added where a prediction's center is not in both the GT box and its center region"
+        100.0,
+        min=0.0,
+        help="matcher cost added where a prediction's center is not in both the GT box and its center region",
     )
     not_candidate_cost: float = option(
         10000.0, min=0.0, help="matcher cost added to predictions whose center is in no GT box or center region"

@@ -150,7 +150,9 @@ class DiffusionInst(nn.Module):
         return [self.render(d, tuple(o), cfg.mask_threshold) for d, o in zip(dets, outs)]
 
     # --- training -------------------------------------------------------------------------------
-    def prepare_targets(self, targets: list[dict[str, Tensor]], image_sizes: Tensor, mask_grid: tuple[int, int]) -> list[dict]:
+    def prepare_targets(
+        self, targets: list[dict[str, Tensor]], image_sizes: Tensor, mask_grid: tuple[int, int]
+    ) -> list[dict]:
         """Validate and convert targets (boxes clipped to the image; empty boxes dropped with a warning)."""
         device = self.pixel_mean.device
         check_targets(targets, image_sizes, self.num_classes)
@@ -163,7 +165,10 @@ class DiffusionInst(nn.Module):
             )
             keep = ((clipped[:, 2] - clipped[:, 0]) > 0) & ((clipped[:, 3] - clipped[:, 1]) > 0)
             if not bool(keep.all()):
-                warnings.warn(f"targets[{i}]: dropped {int((~keep).sum())} instance(s) whose box is empty inside the image")
+                warnings.warn(
+                    f"targets[{i}]: dropped {int((~keep).sum())} instance(s) whose box is empty inside the image",
+                    stacklevel=2,
+                )
             boxes = clipped[keep]
             masks = t["masks"][keep.to(t["masks"].device)].to(device)
             out.append(
@@ -212,7 +217,11 @@ class DiffusionInst(nn.Module):
         head_trace = {} if record is not None else None
         out = self.head(enc.features, boxes, t, trace=head_trace)
         out["mask_feat"] = enc.mask_feat
-        weight = self.fed_loss_weight if class_freq is None else class_freq.float() ** self.cfg.loss.fed_loss_freq_weight_power
+        weight = (
+            self.fed_loss_weight
+            if class_freq is None
+            else class_freq.float() ** self.cfg.loss.fed_loss_freq_weight_power
+        )
         debug = {} if record is not None else None
         raw = self.criterion(out, prepared, noise=sources[0], class_weight=weight, debug=debug)
         if record is not None:

@@ -93,7 +93,7 @@ class DiffusionSchedule(nn.Module):
         return out
 
     def q_sample(self, x_start: Tensor, t: Tensor, noise: Tensor) -> Tensor:
-        """``sqrt(ac_t) x_start + sqrt(1 - ac_t) noise`` for one image: x_start, noise [N, 4], t [1] -> float64 [N, 4]."""
+        """``sqrt(ac_t) x_start + sqrt(1 - ac_t) noise`` (one image): x_start, noise [N, 4], t [1] -> float64 [N, 4]."""
         a = self.sqrt_alphas_cumprod.gather(-1, t).reshape(1, 1)
         b = self.sqrt_one_minus_alphas_cumprod.gather(-1, t).reshape(1, 1)
         return a * x_start + b * noise

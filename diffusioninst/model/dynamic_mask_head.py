@@ -46,10 +46,7 @@ class DynamicMaskHead:
         splits = torch.split(params, self.weight_nums + self.bias_nums, dim=1)
         n = self.num_layers
         m = params.shape[0]
-        return [
-            (w.reshape(m, o, i), b.reshape(m, o))
-            for (o, i), w, b in zip(self.layer_dims, splits[:n], splits[n:])
-        ]
+        return [(w.reshape(m, o, i), b.reshape(m, o)) for (o, i), w, b in zip(self.layer_dims, splits[:n], splits[n:])]
 
     def __call__(self, features: Tensor, params: Tensor, chunk: int | None = None) -> Tensor:
         """Mask logits of every instance on ONE shared feature map.

@@ -99,7 +99,9 @@ class DynamicHead(nn.Module):
             roi = self.pooler(features, boxes)
             cls, box, obj, ker = stage(roi, boxes, pro, time_emb, shared_time=shared)
             if trace is not None:
-                trace["stages"].append(dict(in_boxes=boxes, roi=roi, obj=obj, logits=cls, boxes=box, kernels=ker))
+                trace["stages"].append(
+                    {"in_boxes": boxes, "roi": roi, "obj": obj, "logits": cls, "boxes": box, "kernels": ker}
+                )
             logits.append(cls)
             pred_boxes.append(box)
             kernels.append(ker)

@@ -9,7 +9,7 @@ __all__ = ["check_images", "check_targets"]
 
 
 def check_images(images: Tensor, image_sizes: Tensor) -> None:
-    """images: uint8 or float [B, 3, Hp, Wp] RGB 0..255; image_sizes: integer [B, 2] (h, w), 1 <= h <= Hp, 1 <= w <= Wp."""
+    """images: uint8/float [B, 3, Hp, Wp] RGB 0..255; image_sizes: integer [B, 2] (h, w), 1 <= h <= Hp, 1 <= w <= Wp."""
     if not isinstance(images, Tensor):
         raise TypeError(f"images must be a torch.Tensor [B, 3, H, W], got {type(images).__name__}")
     if images.dtype != torch.uint8 and not images.is_floating_point():
@@ -51,7 +51,9 @@ def check_targets(targets: list[dict[str, Tensor]], image_sizes: Tensor, num_cla
         if g and ((boxes[:, 2] < boxes[:, 0]).any() or (boxes[:, 3] < boxes[:, 1]).any()):
             raise ValueError(f"targets[{i}]['boxes'] must be xyxy with x2 >= x1 and y2 >= y1")
         if labels.shape != (g,) or labels.is_floating_point():
-            raise ValueError(f"targets[{i}]['labels'] must be an integer tensor [{g}], got {labels.dtype} {list(labels.shape)}")
+            raise ValueError(
+                f"targets[{i}]['labels'] must be an integer tensor [{g}], got {labels.dtype} {list(labels.shape)}"
+            )
         if g and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
             raise ValueError(f"targets[{i}]['labels'] must be in [0, {num_classes}), got {labels.tolist()}")
         if masks.dim() != 3 or masks.shape[0] != g:

@@ -76,7 +76,7 @@ class MaskBranch(nn.Module):
         self.out_conv = nn.Conv2d(branch_channels, mask_channels, 1)
 
     def forward(self, feats: list[Tensor]) -> Tensor:
-        """feats: FPN maps finest first ([B, C, H/4, W/4], [B, C, H/8, W/8], ...) -> F_mask [B, mask_channels, H/4, W/4]."""
+        """feats: FPN maps finest first ([B, C, H/4, W/4], [B, C, H/8, W/8], ...) -> F_mask [B, C_mask, H/4, W/4]."""
         x = self.refine[0](feats[0])
         for level, refine in enumerate(self.refine[1:], start=1):
             y = refine(feats[level])

@@ -131,7 +131,13 @@ class DynamicKMatcher:
 
     @torch.no_grad()
     def __call__(
-        self, logits: Tensor, pred_xyxy: Tensor, gt_xyxy: Tensor, gt_labels: Tensor, whwh: Tensor, keep_debug: bool = False
+        self,
+        logits: Tensor,
+        pred_xyxy: Tensor,
+        gt_xyxy: Tensor,
+        gt_labels: Tensor,
+        whwh: Tensor,
+        keep_debug: bool = False,
     ) -> Match:
         """Match one image: logits [N, K], pred_xyxy [N, 4] abs, gt_xyxy [G, 4] abs, gt_labels [G], whwh [4]."""
         if gt_xyxy.shape[0] == 0:

@@ -62,7 +62,9 @@ def from_official_config(source: str | Path | dict) -> tuple[ModelConfig, Sample
     if not di:
         raise ValueError(f"{source}: no MODEL.DiffusionInst section")
     if not di.get("USE_FOCAL", True):
-        raise ValueError(f"{source}: USE_FOCAL False (softmax classification) is not supported by the official code either")
+        raise ValueError(
+            f"{source}: USE_FOCAL False (softmax classification) is not supported by the official code either"
+        )
     pooler = _get(tree, "MODEL.ROI_BOX_HEAD.POOLER_TYPE", "ROIAlignV2")
     if pooler != "ROIAlignV2":
         raise ValueError(f"{source}: MODEL.ROI_BOX_HEAD.POOLER_TYPE {pooler} unsupported (ROIAlignV2 only)")

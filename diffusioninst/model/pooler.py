@@ -16,7 +16,9 @@ from torchvision.ops import roi_align
 __all__ = ["MultiLevelRoIAlign", "assign_levels"]
 
 
-def assign_levels(boxes: Tensor, min_level: int, max_level: int, canonical_box_size: float, canonical_level: int) -> Tensor:
+def assign_levels(
+    boxes: Tensor, min_level: int, max_level: int, canonical_box_size: float, canonical_level: int
+) -> Tensor:
     """boxes [R, 4] abs xyxy (float32) -> int64 [R] level index relative to ``min_level``."""
     area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
     level = torch.floor(canonical_level + torch.log2(torch.sqrt(area) / canonical_box_size + 1e-8))
@@ -66,6 +68,8 @@ class MultiLevelRoIAlign:
         levels = assign_levels(flat, self.min_level, self.max_level, self.canonical_box_size, self.canonical_level)
         for level, (feat, scale) in enumerate(zip(features, self.scales)):
             idx = torch.nonzero(levels == level).squeeze(1)  # pooled even when empty: keeps the level in the graph
-            pooled = roi_align(feat, rois[idx].to(feat.dtype), self.output_size, scale, self.sampling_ratio, aligned=True)
+            pooled = roi_align(
+                feat, rois[idx].to(feat.dtype), self.output_size, scale, self.sampling_ratio, aligned=True
+            )
             out.index_put_((idx,), pooled)
         return out

@@ -28,7 +28,7 @@ __all__ = ["output_boxes", "postprocess"]
 
 _STRIDE = 4
 _CHUNK_ELEMS = 1 << 23  # elements of the largest per-chunk intermediate
-_BIN_RATIO = 1.25  # windows in one chunk differ by less than this factor in height and in width  # boxes larger than this fraction of the output image use the full-image route
+_BIN_RATIO = 1.25  # windows in one chunk differ by less than this factor in height and in width
 
 
 def output_boxes(boxes: Tensor, input_size: tuple[int, int], output_size: tuple[int, int]) -> tuple[Tensor, Tensor]:
@@ -78,11 +78,40 @@ def _lerp_cols(x: Tensor, i0: Tensor, i1: Tensor, w0: Tensor, w1: Tensor) -> Ten
     return _lerp_rows(x.transpose(1, 2).contiguous(), i0, i1, w0, w1).transpose(1, 2).contiguous()
 
 
+def _span(lo: Tensor, n: int, limit: int) -> Tensor:
+    """Per instance ``n`` consecutive indices from ``lo`` [M] (clamped to ``limit - 1``): [M, n]."""
+    return torch.clamp(lo[:, None] + torch.arange(n, device=lo.device), max=limit - 1)
+
+
+def _local_taps(table: tuple[Tensor, ...], at: Tensor, lo: Tensor, n: int) -> tuple[Tensor, ...]:
+    """Interpolation taps of positions ``at`` [M, L] as indices into windows starting at ``lo`` [M] of size n."""
+    i0 = (table[0][at] - lo[:, None]).clamp(0, n - 1)
+    i1 = (table[1][at] - lo[:, None]).clamp(0, n - 1)
+    return i0, i1, table[2][at], table[3][at]
+
+
+def _similar_size_chunks(sizes: Tensor, channels: int) -> list[Tensor]:
+    """Group instances whose windows have similar height and width (little padding), bounded in memory."""
+    shape_bin = torch.floor(torch.log(sizes[:, :2].double()) / math.log(_BIN_RATIO)).long()
+    order = torch.argsort(shape_bin[:, 0] * 4096 + shape_bin[:, 1], stable=True)
+    chunks, start = [], 0
+    while start < len(order):
+        end = start + 1
+        while end < len(order) and bool((shape_bin[order[end]] == shape_bin[order[start]]).all()):
+            end += 1
+        peak = sizes[order[start:end]].max(0).values.tolist()
+        per = max(peak[0] * peak[1], peak[2] * peak[3], channels * peak[4] * peak[5], 1)
+        step = max(1, _CHUNK_ELEMS // per)
+        chunks += [order[i : min(i + step, end)] for i in range(start, end, step)]
+        start = end
+    return chunks
+
+
 def _windowed_masks(
     masks: Tensor, which: Tensor, det: Detections, int_boxes: Tensor, in_size: tuple[int, int], thr: float, head
 ) -> None:
     """Render instances ``which`` into ``masks`` [M, H, W] (zeros), evaluating only the F_mask window feeding
-    each box; all per-instance work is batched (chunks of similar size), only the final copy loops."""
+    each box; the work is batched over chunks of similar-size windows, only the final copy loops."""
     feat = det.mask_feat
     device = feat.device
     (h, w), (oh, ow) = in_size, tuple(masks.shape[-2:])
@@ -96,42 +125,19 @@ def _windowed_masks(
     sizes = torch.stack(
         [y2 - y1, x2 - x1, a_yhi - a_ylo + 1, a_xhi - a_xlo + 1, p_yhi - p_ylo + 1, p_xhi - p_xlo + 1], 1
     )
-    # chunks of instances whose windows have similar height and width (little padding), bounded in memory
-    shape_bin = torch.floor(torch.log(sizes[:, :2].double()) / math.log(_BIN_RATIO)).long()
-    order = torch.argsort(shape_bin[:, 0] * 4096 + shape_bin[:, 1], stable=True)
-    chunks, start = [], 0
-    while start < len(order):
-        first = order[start]
-        end = start + 1
-        while end < len(order) and bool((shape_bin[order[end]] == shape_bin[first]).all()):
-            end += 1
-        peak = sizes[order[start:end]].max(0).values.tolist()
-        per = max(peak[0] * peak[1], peak[2] * peak[3], head.hidden_channels * peak[4] * peak[5], 1)
-        step = max(1, _CHUNK_ELEMS // per)
-        chunks += [order[i : min(i + step, end)] for i in range(start, end, step)]
-        start = end
-    for sel in chunks:
+    for sel in _similar_size_chunks(sizes, head.hidden_channels):
         ny, nx, nay, nax, npy, npx = sizes[sel].max(0).values.tolist()
-
-        def span(lo: Tensor, n: int, limit: int) -> Tensor:
-            return torch.clamp(lo[sel, None] + torch.arange(n, device=device), max=limit - 1)
-
-        def local(table: tuple[Tensor, ...], at: Tensor, lo: Tensor, n: int) -> tuple[Tensor, ...]:
-            i0 = (table[0][at] - lo[sel, None]).clamp(0, n - 1)
-            i1 = (table[1][at] - lo[sel, None]).clamp(0, n - 1)
-            return i0, i1, table[2][at], table[3][at]
-
-        rows, cols = span(p_ylo, npy, gy), span(p_xlo, npx, gx)
+        rows, cols = _span(p_ylo[sel], npy, gy), _span(p_xlo[sel], npx, gx)
         window = feat[:, rows[:, :, None], cols[:, None, :]].permute(1, 0, 2, 3)  # [Mc, C, npy, npx]
         t = head.per_instance(window, det.kernels[which[sel]]).sigmoid()
         # stage A (aligned x4 to the input grid), width then height
-        t = _lerp_cols(t, *local(ax, span(a_xlo, nax, w), p_xlo, npx))
-        t = _lerp_rows(t, *local(ay, span(a_ylo, nay, h), p_ylo, npy))
+        t = _lerp_cols(t, *_local_taps(ax, _span(a_xlo[sel], nax, w), p_xlo[sel], npx))
+        t = _lerp_rows(t, *_local_taps(ay, _span(a_ylo[sel], nay, h), p_ylo[sel], npy))
         # stage B (resize to the output size), width then height; equal sizes make it exactly the identity
         if ow != w:
-            t = _lerp_cols(t, *local(bx, span(x1, nx, ow), a_xlo, nax))
+            t = _lerp_cols(t, *_local_taps(bx, _span(x1[sel], nx, ow), a_xlo[sel], nax))
         if oh != h:
-            t = _lerp_rows(t, *local(by, span(y1, ny, oh), a_ylo, nay))
+            t = _lerp_rows(t, *_local_taps(by, _span(y1[sel], ny, oh), a_ylo[sel], nay))
         t = t > thr
         for j, k in enumerate(sel.tolist()):
             ya, yb, xa, xb = int(y1[k]), int(y2[k]), int(x1[k]), int(x2[k])
@@ -189,8 +195,12 @@ def postprocess(
     boxes, keep = output_boxes(det.boxes, input_size, output_size)
     boxes = boxes[keep]
     kept = Detections(
-        boxes=boxes, scores=det.scores[keep], labels=det.labels[keep], kernels=det.kernels[keep],
-        mask_feat=det.mask_feat, image_size=det.image_size,
+        boxes=boxes,
+        scores=det.scores[keep],
+        labels=det.labels[keep],
+        kernels=det.kernels[keep],
+        mask_feat=det.mask_feat,
+        image_size=det.image_size,
     )
     int_boxes = boxes.long()
     masks = torch.zeros((len(boxes), *output_size), dtype=torch.bool, device=boxes.device)

@@ -102,7 +102,8 @@ def _sample(model, enc: Encoded, cfg: SamplerConfig, noises: list[NoiseSource], 
             if traces[i] is not None:
                 traces[i]["head"].append(_slice_trace(head_trace, i))
                 traces[i]["steps"].append(
-                    dict(time=t, x_t=x[i], pred_x_start=x0[i], pred_noise=eps[i], max_score=max_score, keep=keep)
+                    {"time": t, "x_t": x[i], "pred_x_start": x0[i], "pred_noise": eps[i]}
+                    | {"max_score": max_score, "keep": keep}
                 )
             if not last:
                 img, x0_i, eps_i = x[i][keep], x0[i][keep], eps[i][keep]

@@ -58,7 +58,9 @@ def build_fpn(cfg: ModelConfig, backbone: nn.Module) -> FPN:
     names = cfg.fpn.in_features
     missing = [n for n in names if n not in backbone.out_channels]
     if missing:
-        raise ValueError(f"model.fpn.in_features: {missing} not produced by the backbone ({list(backbone.out_channels)})")
+        raise ValueError(
+            f"model.fpn.in_features: {missing} not produced by the backbone ({list(backbone.out_channels)})"
+        )
     return FPN(
         in_channels=[backbone.out_channels[n] for n in names],
         in_strides=[backbone.strides[n] for n in names],

@@ -58,7 +58,7 @@ class FPN(nn.Module):
             self.output_convs.append(output)
         first = int(round(math.log2(in_strides[0])))
         self.names = [f"p{first + i}" for i in range(len(in_channels))]
-        self.strides = {n: s for n, s in zip(self.names, in_strides)}
+        self.strides = dict(zip(self.names, in_strides))
         self.top_block = top_block
         if top_block == "maxpool":
             last = f"p{first + len(in_channels)}"
