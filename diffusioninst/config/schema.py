@@ -42,7 +42,11 @@ class BackboneConfig:
         "frozen_bn", help="ResNet normalisation; frozen_bn as detectron2 FrozenBatchNorm2d"
     )
     stem_out_channels: int = option(64, min=1, help="ResNet stem width (detectron2 STEM_OUT_CHANNELS)")
-    res2_out_channels: int = option(256, min=1, help="ResNet res2 output width; doubles per stage (RES2_OUT_CHANNELS)")
+    res2_out_channels: int | None = option(
+        None,
+        min=1,
+        help="ResNet res2 output width, doubling per stage (RES2_OUT_CHANNELS); null = 64 (R18/34) or 256",
+    )
     width_per_group: int = option(64, min=1, help="bottleneck width at res2 per group (WIDTH_PER_GROUP)")
     num_groups: int = option(1, min=1, help="bottleneck groups (ResNeXt when > 1)")
     stride_in_1x1: bool = option(False, help="put the stride on the 1x1 conv (MSRA style) instead of the 3x3")
@@ -72,7 +76,9 @@ class HeadConfig:
     num_cls: int = option(1, min=0, help="Linear-LN-ReLU blocks in the classification branch")
     num_reg: int = option(3, min=0, help="Linear-LN-ReLU blocks in the regression branch")
     num_stages: int = option(6, min=1, help="cascaded dynamic-head stages (official NUM_HEADS)")
-    num_dynamic: int = option(2, min=1, max=2, help="DynamicConv layers (NUM_DYNAMIC)")
+    num_dynamic: int = option(
+        2, choices=(2,), help="DynamicConv layers (NUM_DYNAMIC); the official DynamicConv only works with 2"
+    )
     dim_dynamic: int = option(64, min=1, help="DynamicConv inner width (DIM_DYNAMIC)")
     in_features: list[str] = option(["p2", "p3", "p4", "p5"], min_len=1, help="FPN levels for RoIAlign")
     pooler_resolution: int = option(7, min=1, help="RoIAlign output size")
@@ -81,6 +87,15 @@ class HeadConfig:
         [2.0, 2.0, 1.0, 1.0], min_len=4, min=0.0, min_exclusive=True, help="box-delta weights (wx,wy,ww,wh)"
     )
     scale_clamp: float = option(11.512925464970229, min=0.0, help="clamp of dw/dh before exp; log(1e5/16) as official")
+    canonical_box_size: float = option(
+        224.0, min=0.0, min_exclusive=True, help="RoI level assignment: box size mapped to canonical_level"
+    )
+    canonical_level: int = option(4, min=0, help="RoI level assignment: level of a canonical_box_size box")
+    prior_init_by_shape: bool = option(
+        True,
+        help="official init quirk: the focal prior bias is written into EVERY parameter whose last dim equals "
+        "num_classes (e.g. bbox_delta.bias when num_classes == 4); False = only class_logits.bias",
+    )
 
 
 @dataclass
@@ -101,6 +116,12 @@ class DiffusionConfig:
     timesteps: int = option(1000, min=1, help="T, diffusion timesteps")
     signal_scale: float = option(2.0, min=0.0, min_exclusive=True, help="box signal scale (SNR_SCALE)")
     cosine_s: float = option(0.008, min=0.0, help="offset s of the cosine schedule")
+    pad_box_mean: float = option(0.5, help="mean of the random placeholder boxes (normalized cxcywh) padding the GT")
+    pad_box_std: float = option(1.0 / 6.0, min=0.0, help="std of the placeholder boxes (official 1/6: 3 sigma = 1/2)")
+    pad_box_min_wh: float = option(1e-4, min=0.0, help="placeholder boxes' w, h are clipped to at least this")
+    empty_gt_box: list[float] = option(
+        [0.5, 0.5, 1.0, 1.0], min_len=4, help="fake GT (normalized cxcywh) diffused for images without instances"
+    )
 
 
 @dataclass
@@ -122,6 +143,23 @@ class LossConfig:
     )
     ota_k: int = option(5, min=1, help="top-k IoUs summed to get each GT's dynamic k")
     center_radius: float = option(2.5, min=0.0, help="matcher center prior radius in units of GT size")
+    outside_center_cost: float = option(
+        100.0,
+        min=0.0,
+        help="matcher cost added where a prediction's center is not in both the GT box and its center region",
+    )
+    not_candidate_cost: float = option(
+        10000.0, min=0.0, help="matcher cost added to predictions whose center is in no GT box or center region"
+    )
+    rematch_cost: float = option(
+        100000.0, min=0.0, help="matcher cost added to already-matched predictions when an unmatched GT is re-assigned"
+    )
+    stale_rematch_rows: bool = option(
+        True,
+        help="official quirk: conflicts created while re-assigning unmatched GTs are resolved on the rows that "
+        "conflicted BEFORE the loop; False = on the rows that conflict now",
+    )
+    dice_eps: float = option(1e-5, min=0.0, help="epsilon in the dice denominator")
     use_fed_loss: bool = option(False, help="LVIS federated loss (sampled classes per image)")
     fed_loss_num_classes: int = option(50, min=1, help="classes sampled by the federated loss")
     fed_loss_freq_weight_power: float = option(0.5, min=0.0, help="class-frequency power for fed-loss sampling")
@@ -140,6 +178,9 @@ class ModelConfig:
         [58.395, 57.12, 57.375], min_len=3, min=0.0, min_exclusive=True, help="RGB pixel std (0-255)"
     )
     size_divisibility: int = option(32, min=1, help="pad images to a multiple of this")
+    channels_last: bool = option(
+        False, help="run the convolutional encoder (backbone, FPN, mask branch) in channels_last memory format"
+    )
     weights: str | None = option(None, help="whole-model weights to load (ours or a converted official file)")
 
     def check(self) -> list[Problem]:

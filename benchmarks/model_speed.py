@@ -1,0 +1,205 @@
+"""Model speed: inference (1 and 4 DDIM steps) and one training iteration, with random weights.
+
+Configs:
+  r50   the official R50 COCO model (500 proposals, 6 stages, hidden 256, 80 classes) at 800x1216, batch 1,
+        3 instances for training (official on the 2-core reference box: 10.6 s / 35.4 s / 20.2 s);
+  demo  the small from-scratch demo model (experiments/demo.yaml) at 320x320, batch 4, ~5 instances.
+
+Writes JSON (median of --runs, per-phase breakdown, torch version, threads) and checks that the fast
+windowed mask rendering gives exactly the reference full-image pipeline's output.
+
+    python benchmarks/model_speed.py --device cpu --threads 2 --configs r50 demo
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from diffusioninst.config import ExperimentConfig, load_config  # noqa: E402
+from diffusioninst.config.schema import ModelConfig, SamplerConfig  # noqa: E402
+from diffusioninst.model import Encoded, GeneratorNoise, build_model, postprocess  # noqa: E402
+
+OFFICIAL = {"r50": {"infer_1step_s": 10.6, "infer_4step_s": 35.4, "train_iter_s": 20.2}}
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class Timer:
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.times: dict[str, float] = {}
+
+    def __call__(self, name: str):
+        timer = self
+
+        class _Ctx:
+            def __enter__(self):
+                _sync(timer.device)
+                self.t = time.perf_counter()
+
+            def __exit__(self, *exc):
+                _sync(timer.device)
+                timer.times[name] = timer.times.get(name, 0.0) + time.perf_counter() - self.t
+
+        return _Ctx()
+
+
+def synthetic_batch(batch: int, hw: tuple[int, int], instances: int, num_classes: int, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    h, w = hw
+    images = torch.randint(0, 256, (batch, 3, h, w), generator=g, dtype=torch.uint8)
+    targets = []
+    for _ in range(batch):
+        xy = torch.rand(instances, 2, generator=g) * torch.tensor([w * 0.6, h * 0.6])
+        wh = (torch.rand(instances, 2, generator=g) * 0.3 + 0.1) * torch.tensor([w, h])
+        boxes = torch.cat([xy, xy + wh], 1)
+        masks = torch.zeros(instances, h, w, dtype=torch.uint8)
+        for k, (x1, y1, x2, y2) in enumerate(boxes.round().long().tolist()):
+            masks[k, y1:y2, x1:x2] = 1
+        labels = torch.randint(0, num_classes, (instances,), generator=g)
+        targets.append({"boxes": boxes, "labels": labels, "masks": masks})
+    sizes = torch.tensor([[h, w]] * batch)
+    return images, sizes, targets
+
+
+def bench_inference(model, images, sizes, steps: int, runs: int, device) -> dict:
+    cfg = SamplerConfig(steps=steps)
+    records = []
+    for r in range(runs + 1):  # first run is warm-up
+        timer = Timer(device)
+        with torch.no_grad():
+            with timer("total"):
+                with timer("backbone_fpn"):
+                    x = model.preprocess(images, sizes)
+                    feats = model.backbone(x)
+                    fpn = model.fpn([feats[n] for n in model.cfg.fpn.in_features])
+                with timer("mask_branch"):
+                    mask_feat = model.mask_branch([fpn[n] for n in model.cfg.mask.in_features])
+                # = model.encode(images, sizes), split for the breakdown
+                enc = Encoded([fpn[n] for n in model.cfg.head.in_features], mask_feat, sizes, fpn)
+                with timer("sample_head_nms"):
+                    dets = model.sample(enc, cfg, [GeneratorNoise(r)])
+                with timer("postprocess"):
+                    outs = [model.render(d, tuple(s)) for d, s in zip(dets, sizes.tolist())]
+        t = timer.times
+        t["detections"] = sum(len(o["scores"]) for o in outs)
+        if r:
+            records.append(t)
+    return {k: statistics.median(rec[k] for rec in records) for k in records[0]}, dets, outs
+
+
+def bench_train(model, images, sizes, targets, runs: int, device) -> dict:
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-5, weight_decay=1e-4)
+    records = []
+    for r in range(runs + 1):
+        timer = Timer(device)
+        with timer("total"):
+            with timer("forward"):
+                losses = model(images, sizes, targets, noise=[GeneratorNoise(100 + r + i) for i in range(len(targets))])
+                loss = sum(losses.values())
+            with timer("backward"):
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+            with timer("optimizer"):
+                torch.nn.utils.clip_grad_norm_(params, 1.0)
+                opt.step()
+        if r:
+            records.append(timer.times)
+    model.eval()
+    return {k: statistics.median(rec[k] for rec in records) for k in records[0]}
+
+
+def check_fast_vs_reference(model, dets, sizes) -> dict:
+    diffs, total = 0, 0
+    for d, s in zip(dets, sizes.tolist()):
+        fast = postprocess(d, d.image_size, tuple(s), mask_head=model.mask_head)
+        ref = postprocess(d, d.image_size, tuple(s), mask_head=model.mask_head, reference=True)
+        diffs += int((fast["masks"] != ref["masks"]).sum())
+        total += ref["masks"].numel()
+        assert torch.equal(fast["boxes"], ref["boxes"]) and torch.equal(fast["labels"], ref["labels"])
+    return {"mask_pixels_differing": diffs, "mask_pixels": total, "identical": diffs == 0}
+
+
+def model_config(name: str) -> tuple[ModelConfig, tuple[int, int], int, int]:
+    if name == "r50":
+        return ModelConfig(), (800, 1216), 1, 3
+    if name == "demo":
+        cfg = load_config(ExperimentConfig, ROOT / "experiments" / "demo.yaml")
+        return (
+            cfg.model,
+            tuple(cfg.data.synthetic.image_size),
+            cfg.solver.ims_per_batch // max(cfg.ray.num_workers, 1),
+            5,
+        )
+    raise ValueError(f"unknown config {name}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--runs", type=int, default=3)
+    p.add_argument("--configs", nargs="+", default=["r50", "demo"])
+    p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/model_speed_<device>.json)")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    result = {
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "device": str(device),
+        "machine": platform.processor() or platform.machine(),
+        "runs": args.runs,
+        "configs": {},
+    }
+    for name in args.configs:
+        cfg, hw, batch, instances = model_config(name)
+        torch.manual_seed(0)
+        model = build_model(cfg).to(device).eval()
+        images, sizes, targets = synthetic_batch(batch, hw, instances, cfg.head.num_classes)
+        images, sizes = images.to(device), sizes.to(device)
+        targets = [{k: v.to(device) for k, v in t.items()} for t in targets]
+        entry: dict = {"image_hw": list(hw), "batch": batch, "instances_per_image": instances}
+        if name == "r50":
+            one, dets, _ = bench_inference(model, images, sizes, 1, args.runs, device)
+            four, _, _ = bench_inference(model, images, sizes, 4, args.runs, device)
+            entry["infer_1step"] = one
+            entry["infer_4step"] = four
+            entry["fast_vs_reference"] = check_fast_vs_reference(model, dets, sizes)
+            entry["official"] = OFFICIAL["r50"]
+        train = bench_train(model, images, sizes, targets, args.runs, device)
+        entry["train_iter"] = train
+        entry["train_images_per_s"] = batch / train["total"]
+        if name == "r50":
+            entry["speedup_vs_official"] = {
+                "infer_1step": OFFICIAL["r50"]["infer_1step_s"] / entry["infer_1step"]["total"],
+                "infer_4step": OFFICIAL["r50"]["infer_4step_s"] / entry["infer_4step"]["total"],
+                "train_iter": OFFICIAL["r50"]["train_iter_s"] / train["total"],
+            }
+        result["configs"][name] = entry
+        print(json.dumps({name: entry}, indent=1), flush=True)
+    out = Path(args.out) if args.out else ROOT / "benchmarks" / "results" / f"model_speed_{device.type}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1) + "\n")
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

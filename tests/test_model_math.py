@@ -1,0 +1,230 @@
+"""Pure math of the model against closed forms and hand-made cases."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torchvision.ops import generalized_box_iou, sigmoid_focal_loss
+
+from diffusioninst.config.schema import DiffusionConfig, LossConfig
+from diffusioninst.model import DynamicMaskHead
+from diffusioninst.model.box_ops import (
+    apply_deltas,
+    cxcywh_to_xyxy,
+    paired_generalized_box_iou,
+    signal_to_xyxy_abs,
+    xyxy_abs_to_signal,
+    xyxy_to_cxcywh,
+)
+from diffusioninst.model.criterion import dice_loss, federated_classes
+from diffusioninst.model.diffusion import DiffusionSchedule, ddim_coefficients, ddim_time_pairs
+from diffusioninst.model.mask_branch import aligned_bilinear
+from diffusioninst.model.matcher import DynamicKMatcher
+from diffusioninst.model.noise import GeneratorNoise, ReplayNoise
+from diffusioninst.model.pooler import assign_levels
+
+
+def test_box_conversions_closed_form():
+    xyxy = torch.tensor([[10.0, 20.0, 30.0, 60.0]])
+    assert xyxy_to_cxcywh(xyxy).tolist() == [[20.0, 40.0, 20.0, 40.0]]
+    assert cxcywh_to_xyxy(torch.tensor([[20.0, 40.0, 20.0, 40.0]])).tolist() == xyxy.tolist()
+    whwh = torch.tensor([[100.0, 80.0, 100.0, 80.0]])
+    signal = xyxy_abs_to_signal(xyxy[None], whwh, 2.0)  # cx 0.2 -> (0.4 - 1) * 2 = -1.2, h 0.5 -> 0
+    assert torch.allclose(signal, torch.tensor([[[-1.2, 0.0, -1.2, 0.0]]]))
+    assert torch.allclose(signal_to_xyxy_abs(signal, whwh, 2.0), xyxy[None])
+    # out-of-range signal is clamped to [-scale, scale] before mapping: cx = 1, w = 1 -> [0.5 w, ..., 1.5 w]
+    far = signal_to_xyxy_abs(torch.tensor([[[9.0, 9.0, 9.0, 9.0]]]), whwh, 2.0)
+    assert far.tolist() == [[[50.0, 40.0, 150.0, 120.0]]]
+
+
+def test_apply_deltas_closed_form_and_clamp():
+    boxes = torch.tensor([[0.0, 0.0, 10.0, 20.0]], dtype=torch.float64)  # cast to the deltas' dtype
+    deltas = torch.tensor([[2.0, 4.0, math.log(2.0), 0.0]])
+    out = apply_deltas(deltas, boxes, (2.0, 2.0, 1.0, 1.0), 4.0)
+    # dx = 1, dy = 2 -> centre (5 + 10, 10 + 40); w = 20, h = 20
+    assert out.dtype == torch.float32 and torch.allclose(out, torch.tensor([[5.0, 40.0, 25.0, 60.0]]))
+    huge = apply_deltas(torch.tensor([[0.0, 0.0, 100.0, 0.0]]), boxes.float(), (2.0, 2.0, 1.0, 1.0), 1.0)
+    assert torch.allclose(huge[0, 2] - huge[0, 0], torch.tensor(10 * math.e))
+
+
+def test_paired_giou_is_the_diagonal():
+    g = torch.Generator().manual_seed(0)
+    a = torch.rand(6, 2, generator=g) * 50
+    b = torch.rand(6, 2, generator=g) * 50
+    boxes1 = torch.cat([a, a + torch.rand(6, 2, generator=g) * 30 + 1], 1)
+    boxes2 = torch.cat([b, b + torch.rand(6, 2, generator=g) * 30 + 1], 1)
+    assert torch.allclose(paired_generalized_box_iou(boxes1, boxes2), torch.diag(generalized_box_iou(boxes1, boxes2)))
+
+
+def test_cosine_schedule_closed_form():
+    sched = DiffusionSchedule(DiffusionConfig())
+    assert sched.alphas_cumprod.dtype == torch.float64 and sched.alphas_cumprod.shape == (1000,)
+    s, T = 0.008, 1000
+
+    def f(t):
+        return math.cos(((t / T) + s) / (1 + s) * math.pi / 2) ** 2
+
+    for t in (0, 1, 10, 500, 900, 990):  # betas below the 0.999 clip: the product telescopes
+        assert sched.alphas_cumprod[t].item() == pytest.approx(f(t + 1) / f(0), rel=1e-12)
+    assert sched.betas.max().item() <= 0.999 and sched.betas.min().item() >= 0
+
+
+def test_ddim_time_pairs():
+    assert ddim_time_pairs(1000, 1) == [(999, -1)]
+    assert ddim_time_pairs(1000, 4) == [(999, 749), (749, 499), (499, 249), (249, -1)]
+    assert [t for t, _ in ddim_time_pairs(1000, 3)] == [999, 665, 332]
+    with pytest.raises(ValueError):
+        ddim_time_pairs(1000, 0)
+
+
+def test_q_sample_and_predict_noise_invert_each_other():
+    sched = DiffusionSchedule(DiffusionConfig())
+    g = torch.Generator().manual_seed(1)
+    x0, eps = torch.randn(5, 4, generator=g), torch.randn(5, 4, generator=g)
+    t = torch.tensor([321])
+    x_t = sched.q_sample(x0, t, eps)
+    ac = sched.alphas_cumprod[321]
+    assert torch.allclose(x_t, ac.sqrt() * x0.double() + (1 - ac).sqrt() * eps.double())
+    assert torch.allclose(sched.predict_noise(x_t[None], t, x0[None])[0], eps.double(), atol=1e-9)
+
+
+def test_ddim_update_closed_form_eta_one_and_zero():
+    sched = DiffusionSchedule(DiffusionConfig())
+    x0, eps, z = torch.full((3, 4), 0.5), torch.full((3, 4), -1.0, dtype=torch.float64), torch.ones(3, 4)
+    a, an = sched.alphas_cumprod[749], sched.alphas_cumprod[499]
+    sigma = math.sqrt((1 - a / an) * (1 - an) / (1 - a))
+    c = math.sqrt(1 - an - sigma**2)
+    out = sched.ddim_step(x0, eps, z, 749, 499, 1.0)
+    assert out.dtype == torch.float64  # float64 schedule, as official
+    assert torch.allclose(out, torch.full((3, 4), 0.5 * math.sqrt(an) - c + sigma, dtype=torch.float64))
+    sigma0, c0 = ddim_coefficients(a, an, 0.0)
+    assert sigma0.item() == 0 and c0.item() == pytest.approx(math.sqrt(1 - an))
+    det = sched.ddim_step(x0, eps, z * 100, 749, 499, 0.0)  # eta = 0 ignores the noise
+    assert torch.allclose(det, torch.full((3, 4), 0.5 * math.sqrt(an) - math.sqrt(1 - an), dtype=torch.float64))
+
+
+def test_corruption_pads_gt_first_and_handles_empty_and_too_many():
+    sched = DiffusionSchedule(DiffusionConfig())
+    gt = torch.tensor([[0.5, 0.5, 0.2, 0.4], [0.3, 0.6, 0.1, 0.1]])
+    noise = ReplayNoise([torch.tensor([0]), torch.zeros(6, 4), torch.zeros(4, 4)])
+    out = sched.corrupt(gt, 6, noise)
+    # t = 0: x_t ~ x_start; GT first, then placeholders randn/6 + 0.5 = 0.5
+    assert torch.allclose(out.x_start[:2], (gt * 2 - 1) * 2)
+    assert torch.allclose(out.x_start[2:], torch.zeros(4, 4))
+    empty = sched.corrupt(torch.zeros(0, 4), 3, GeneratorNoise(0))
+    assert torch.allclose(empty.x_start[0], torch.tensor([0.0, 0.0, 2.0, 2.0]))  # fake GT [0.5, 0.5, 1, 1]
+    many = torch.rand(10, 4, generator=torch.Generator().manual_seed(0))
+    sub = sched.corrupt(many, 4, GeneratorNoise(0))
+    rows = [int(((many * 2 - 1) * 2 - r).abs().sum(1).argmin()) for r in sub.x_start]
+    assert rows == sorted(rows) and len(set(rows)) == 4  # a subset, in GT order
+    pad = sched.corrupt(gt, 6, ReplayNoise([torch.tensor([5]), torch.zeros(6, 4), torch.full((4, 4), -6.0)]))
+    assert torch.allclose(pad.x_start[2:, 2:], torch.full((4, 2), (1e-4 * 2 - 1) * 2))  # w, h clipped at 1e-4
+
+
+def test_dice_and_focal_closed_form():
+    p = torch.tensor([[0.5, 0.5, 0.0, 1.0]])
+    t = torch.tensor([[1.0, 0.0, 0.0, 1.0]])
+    # 1 - 2 * 1.5 / (1.5 + 2 + eps)
+    assert dice_loss(p, t, 1e-5).item() == pytest.approx(1 - 3.0 / (3.5 + 1e-5))
+    x, y = torch.tensor([0.3]), torch.tensor([1.0])
+    prob = torch.sigmoid(x)
+    expected = 0.25 * (1 - prob) ** 2 * -torch.log(prob)
+    assert sigmoid_focal_loss(x, y, 0.25, 2.0, "none").item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+def test_dynamic_mask_head_equals_grouped_convolution():
+    head = DynamicMaskHead(8, 8, 3)
+    assert head.num_params == 153 and head.weight_nums == [64, 64, 8] and head.bias_nums == [8, 8, 1]
+    g = torch.Generator().manual_seed(0)
+    feat = torch.randn(8, 12, 16, generator=g)
+    params = torch.randn(5, 153, generator=g)
+    ours = head(feat, params)
+    # official formulation: split [64, 64, 8 | 8, 8, 1], grouped 1x1 convs on the feature repeated per instance
+    w0, w1, w2, b0, b1, b2 = torch.split(params, [64, 64, 8, 8, 8, 1], dim=1)
+    x = feat[None].repeat(1, 5, 1, 1)
+    x = F.relu(F.conv2d(x, w0.reshape(40, 8, 1, 1), b0.reshape(40), groups=5))
+    x = F.relu(F.conv2d(x, w1.reshape(40, 8, 1, 1), b1.reshape(40), groups=5))
+    ref = F.conv2d(x, w2.reshape(5, 8, 1, 1), b2.reshape(5), groups=5)[0]
+    assert torch.allclose(ours, ref, atol=1e-5)
+    windows = feat[None].expand(5, -1, -1, -1)
+    assert torch.allclose(head.per_instance(windows, params), ref, atol=1e-5)
+    assert head(feat, params, chunk=2).shape == (5, 12, 16)
+
+
+def test_aligned_bilinear_reads_shifted_positions():
+    ramp = torch.arange(5.0).view(1, 1, 5, 1).expand(1, 1, 5, 3).contiguous()
+    out = aligned_bilinear(ramp, 4)[0, 0, :, 0]
+    expected = torch.clamp(torch.clamp(torch.arange(20.0) - 2, min=0) / 4, max=4)
+    assert out.shape == (20,) and torch.allclose(out, expected)
+
+
+def test_roi_level_assignment():
+    def box(size):
+        return [0.0, 0.0, float(size), float(size)]
+
+    boxes = torch.tensor([box(224), box(112), box(448), box(5000), box(10), box(0)])
+    assert assign_levels(boxes, 2, 5, 224.0, 4).tolist() == [2, 1, 3, 3, 0, 0]
+
+
+def test_federated_classes_keeps_present_and_samples_by_weight():
+    gt_classes = torch.tensor([3, 3, 7, 10, 10])  # 10 = background (K = 10)
+    weight = torch.zeros(10)
+    weight[[1, 3, 5, 7]] = 1.0
+    classes = federated_classes(gt_classes, 10, 5, weight, GeneratorNoise(0))
+    assert set(classes.tolist()) == {3, 7, 10, 1, 5}  # present + every class with weight (the rest have 0)
+
+
+class TestMatcher:
+    def test_each_gt_takes_its_nearest_prediction(self):
+        m = DynamicKMatcher(LossConfig())
+        gt = torch.tensor([[10.0, 10.0, 30.0, 30.0], [60.0, 60.0, 90.0, 90.0]])
+        pred = torch.tensor([[61.0, 59.0, 91.0, 88.0], [280.0, 280.0, 290.0, 290.0], [11.0, 9.0, 29.0, 31.0]])
+        logits = torch.full((3, 4), -2.0)
+        match = m(logits, pred, gt, torch.tensor([1, 2]), torch.tensor([300.0, 300.0, 300.0, 300.0]), keep_debug=True)
+        assert match.selected.tolist() == [True, False, True]
+        assert match.gt_indices.tolist() == [1, 0]
+        assert match.fg_mask.tolist() == [True, False, True]
+
+    def test_dynamic_k_truncates_and_conflicts_keep_the_cheapest_gt(self):
+        m = DynamicKMatcher(LossConfig(ota_k=3))
+        cost = torch.tensor([[1.0, 2.0], [3.0, 9.0], [4.0, 8.0], [9.0, 5.0]])
+        ious = torch.tensor([[0.9, 0.7], [0.7, 0.1], [0.35, 0.1], [0.1, 0.5]])
+        selected, gt_idx, per_gt, ks = m.assign(cost, ious)
+        assert ks.tolist() == [1, 1]  # int(1.95) = 1, int(1.3) = 1: truncation
+        # both GTs pick query 0; it keeps GT 0 (cheaper); GT 1 is re-assigned to its cheapest free query (3)
+        assert selected.tolist() == [True, False, False, True] and gt_idx.tolist() == [0, 1]
+        assert per_gt.tolist() == [0, 3]
+
+    def test_stale_rematch_rows_quirk(self):
+        cost = torch.tensor([[17.8, 8.2, 13.9], [11.8, 14.3, 6.6], [14.9, 3.0, 12.3], [3.2, 0.1, 2.0]])
+        ious = torch.tensor(
+            [[0.216, 0.911, 0.909], [0.450, 0.027, 0.079], [0.210, 0.088, 0.424], [0.061, 0.128, 0.008]]
+        )
+        # all GTs pick query 3, which keeps GT 1; GTs 0 and 2 both take query 1. The official loop resolves
+        # conflicts on the rows that conflicted before it ({3}), so query 1 keeps both GTs.
+        sel, gt_idx, _, _ = DynamicKMatcher(LossConfig()).assign(cost, ious)
+        assert sel.tolist() == [False, True, False, True] and gt_idx.tolist() == [0, 1]
+        sel, gt_idx, _, _ = DynamicKMatcher(LossConfig(stale_rematch_rows=False)).assign(cost, ious)
+        assert sel.tolist() == [False, True, True, True] and gt_idx.tolist() == [2, 0, 1]
+
+    def test_no_gt_gives_empty_match(self):
+        m = DynamicKMatcher(LossConfig())
+        match = m(
+            torch.zeros(4, 3), torch.rand(4, 4), torch.zeros(0, 4), torch.zeros(0, dtype=torch.long), torch.ones(4)
+        )
+        assert not match.selected.any() and match.gt_indices.numel() == 0
+
+
+def test_replay_noise_checks_kind_and_shape():
+    noise = ReplayNoise([torch.zeros(2, 4)], ["randn"])
+    with pytest.raises(RuntimeError, match="recorded shape"):
+        noise.randn((3, 4))
+    with pytest.raises(RuntimeError, match="recorded randn"):
+        ReplayNoise([torch.zeros(2, 4)], ["randn"]).randint(0, 5, (2, 4))
+    with pytest.raises(RuntimeError, match="exhausted"):
+        ReplayNoise([]).randn((1,))
+    a, b = GeneratorNoise(3), GeneratorNoise(3)
+    assert torch.equal(a.randn((4,)), b.randn((4,))) and a.randint(0, 10, (3,)).dtype == torch.int64
