@@ -26,9 +26,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from diffusioninst.config import ExperimentConfig, load_config  # noqa: E402
-from diffusioninst.config.schema import ModelConfig, SamplerConfig  # noqa: E402
-from diffusioninst.model import Encoded, GeneratorNoise, build_model, postprocess  # noqa: E402
+from diffusioninst.config import ExperimentConfig, load_config
+from diffusioninst.config.schema import ModelConfig, SamplerConfig
+from diffusioninst.model import Encoded, GeneratorNoise, build_model, postprocess
 
 OFFICIAL = {"r50": {"infer_1step_s": 10.6, "infer_4step_s": 35.4, "train_iter_s": 20.2}}
 

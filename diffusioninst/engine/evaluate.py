@@ -68,10 +68,7 @@ def predict_split(
         batch = collate([dataset[i] for i in indices[start : start + bs]], cfg.model.size_divisibility).to(device)
         encoded = model.encode(batch.images, batch.image_sizes)
         for key, sampler in samplers.items():
-            noise = [
-                GeneratorNoise(torch.Generator().manual_seed(noise_seed(cfg.eval.seed, iid, sampler.steps)))
-                for iid in batch.image_ids
-            ]
+            noise = [GeneratorNoise(noise_seed(cfg.eval.seed, iid, sampler.steps), device) for iid in batch.image_ids]
             dets = model.sample(encoded, sampler, noise=noise)
             for i, det in enumerate(dets):
                 result = postprocess(

@@ -149,6 +149,7 @@ def fit(cfg: ExperimentConfig, tracking: TrackingInfo, datasets: dict[str, Any] 
             storage_path=storage_uri(cfg.ray.storage_path),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.ray.num_to_keep),
             failure_config=ray.train.FailureConfig(max_failures=cfg.ray.max_failures),
+            logging_config=ray.train.LoggingConfig(log_level="WARNING"),  # our own progress lines suffice
         ),
         datasets=datasets,
     )

@@ -88,6 +88,6 @@ class Predictor:
             resized, size_divisibility=self.cfg.model.size_divisibility, orig_sizes=[im.shape[:2] for im in images]
         ).to(self.device)
         sampler = dataclasses.replace(self.cfg.sampler, steps=steps or self.cfg.sampler.steps)
-        noise = [GeneratorNoise(torch.Generator().manual_seed(self.seed + first_index + k)) for k in range(len(images))]
+        noise = [GeneratorNoise(self.seed + first_index + k, self.device) for k in range(len(images))]
         results = self.model.predict(batch.images, batch.image_sizes, batch.orig_sizes, sampler, noise=noise)
         return [{k: (v.cpu() if isinstance(v, torch.Tensor) else v) for k, v in r.items()} for r in results]

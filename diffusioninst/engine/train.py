@@ -139,7 +139,7 @@ def run_training(cfg: ExperimentConfig, session: Session, tracking: TrackingInfo
     batch_size = per_rank_batch_size(cfg, world)
     seed = cfg.solver.seed + 1_000_003 * start_iter  # a resumed run draws a fresh, deterministic stream
     batches = _train_batches(cfg, session, seed=seed)
-    noise = GeneratorNoise(torch.Generator(device="cpu").manual_seed(seed * 31 + session.rank))
+    noise = GeneratorNoise(seed * 31 + session.rank, device)
     progress = Progress(cfg.solver.max_iter, start=start_iter)
     if session.rank == 0 and start_iter == 0:
         print(
@@ -324,7 +324,8 @@ def _evaluate_and_log(
         return {}
     metrics = outcome.flat_metrics
     logger.log_metrics(metrics, step=iteration)
-    print(outcome.table, flush=True)
+    if out_dir is None:  # periodic evaluation; the final table is printed by the driver
+        print(outcome.table, flush=True)
     print(
         f"[eval] iteration {iteration}: evaluated {outcome.num_images} images in {time.perf_counter() - t0:.1f} s",
         flush=True,

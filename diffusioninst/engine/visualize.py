@@ -125,7 +125,7 @@ def prediction_samples(
     batch = collate(items, cfg.model.size_divisibility).to(device)
     model.eval()
     sampler = dataclasses.replace(cfg.sampler, steps=1)
-    noise = [GeneratorNoise(torch.Generator().manual_seed(cfg.eval.seed + i)) for i in range(len(items))]
+    noise = [GeneratorNoise(cfg.eval.seed + i, device) for i in range(len(items))]
     results = model.predict(batch.images, batch.image_sizes, batch.orig_sizes, sampler, noise=noise)
     pictures = [
         draw_overlay(data.dataset.images(i), results[i], data.class_names, score_threshold) for i in range(len(items))

@@ -73,7 +73,9 @@ class _PoolLevels(torch.autograd.Function):
 
         def pool(level: int, part: Tensor) -> tuple[Tensor, Tensor]:
             feat = features[level]
-            pooled = roi_align(feat, rois[part].to(feat.dtype), spec["size"], spec["scales"][level], spec["ratio"], True)
+            pooled = roi_align(
+                feat, rois[part].to(feat.dtype), spec["size"], spec["scales"][level], spec["ratio"], True
+            )
             return part, pooled
 
         for part, pooled in spec["runner"].map(pool, jobs):
@@ -92,11 +94,23 @@ class _PoolLevels(torch.autograd.Function):
         def back(level: int, part: Tensor) -> tuple[int, Tensor]:
             b, c, h, w = ctx.shapes[level]
             g = _roi_align_backward(
-                grad[part].contiguous(), rois[part].to(grad.dtype), spec["scales"][level], size, size, b, c, h, w, spec["ratio"], True
+                grad[part].contiguous(),
+                rois[part].to(grad.dtype),
+                spec["scales"][level],
+                size,
+                size,
+                b,
+                c,
+                h,
+                w,
+                spec["ratio"],
+                True,
             )
             return level, g
 
-        jobs = [(level, part) for level, idx in enumerate(spec["index"]) for part in _split(idx, torch.get_num_threads())]
+        jobs = [
+            (level, part) for level, idx in enumerate(spec["index"]) for part in _split(idx, torch.get_num_threads())
+        ]
         grads: list[Tensor | None] = [None] * len(ctx.shapes)
         for level, g in spec["runner"].map(back, jobs):
             grads[level] = g if grads[level] is None else grads[level] + g
