@@ -97,7 +97,7 @@ def test_run_is_resumed_by_key_and_metrics_are_logged(tmp_path):
     run, resumed = start_or_resume_run(uri, "exp", "demo", run_key="runs/demo")
     assert not resumed
     run.log_params({"model.head.num_proposals": 100})
-    run.log_metrics({"train/loss": 2.5, "train/bad": math.nan, "note": "text"}, step=10)
+    run.log_metrics({"train/loss": 2.5, "eval/APl": math.nan, "train/bad": math.inf, "note": "text"}, step=10)
     again, resumed = start_or_resume_run(uri, "exp", "demo", run_key="runs/demo")
     assert resumed and again.run_id == run.run_id
     again.log_params({"model.head.num_proposals": 100, "extra": 1})  # existing params are kept, not re-logged
@@ -106,5 +106,6 @@ def test_run_is_resumed_by_key_and_metrics_are_logged(tmp_path):
     assert data.params == {"model.head.num_proposals": "100", "extra": "1"}
     assert again.metric_history("train/loss") == [(10, 2.5), (20, 1.5)]
     assert "train/bad" not in data.metrics and "note" not in data.metrics
+    assert math.isnan(data.metrics["eval/APl"])
     other, resumed = start_or_resume_run(uri, "exp", "demo", run_key="runs/other")
     assert not resumed and other.run_id != run.run_id

@@ -406,6 +406,9 @@ class EvalConfig:
     max_images: int | None = option(None, min=1, help="evaluate only the first N validation images")
     seed: int = option(0, help="seed of the sampler noise during evaluation")
     at_end: bool = option(True, help="evaluate when training finishes")
+    save_predictions: bool = option(
+        False, help="also write the COCO-format results (predictions_steps_<S>.json) next to the AP tables"
+    )
 
     def check(self) -> list[Problem]:
         problems: list[Problem] = []

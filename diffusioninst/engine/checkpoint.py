@@ -28,14 +28,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from diffusioninst.convert import CheckpointError  # one error type for every checkpoint problem
+
 STATE_FILE = "state.pt"
 CONFIG_FILE = "config.yaml"
 META_FILE = "meta.json"
 STATUS_FILE = "status.json"
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint is missing, truncated, corrupt or of an unknown layout."""
 
 
 def rng_state() -> dict[str, Any]:

@@ -9,6 +9,7 @@ Predictions are converted to COCO results (RLE masks) on the worker, gathered on
 from __future__ import annotations
 
 import dataclasses
+import json
 import time
 from collections.abc import Hashable
 from dataclasses import dataclass, field
@@ -149,6 +150,10 @@ def evaluate_model(
     merged = {s: [r for part in gathered or [] for r in part[s]] for s in steps}
     results = score_all(data.gt_json, cfg, data.category_ids, data.image_ids, merged)
     files = write_ap_tables(results, out_dir, data.kind) if out_dir is not None else {}
+    if out_dir is not None and cfg.eval.save_predictions:
+        for s, dets in merged.items():
+            files[f"predictions_steps_{s}"] = Path(out_dir) / f"predictions_steps_{s}.json"
+            files[f"predictions_steps_{s}"].write_text(json.dumps(dets))
     return EvalOutcome(
         results=results,
         flat_metrics=flat_metrics(results, data.kind),

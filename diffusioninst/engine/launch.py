@@ -49,7 +49,32 @@ def prepare(cfg: ExperimentConfig) -> ExperimentConfig:
     from diffusioninst.data import ensure_dataset
 
     check_cpu_budget(cfg)
-    return ensure_dataset(cfg)
+    cfg = ensure_dataset(cfg)
+    check_dataset_paths(cfg)
+    return cfg
+
+
+def check_dataset_paths(cfg: ExperimentConfig) -> None:
+    """Every configured dataset file/folder exists (checked on the driver, before Ray starts)."""
+    problems = []
+    for split in ("train", "val"):
+        s = getattr(cfg.data, split)
+        if s.parquet is not None:
+            manifest = Path(s.parquet) / "manifest.json"
+            if "://" not in s.parquet and not manifest.is_file():
+                problems.append(f"data.{split}.parquet: {manifest} not found (run pipelines/preprocess.py first)")
+            continue
+        for key, want_dir in (("images", True), ("annotations", False)):
+            value = getattr(s, key)
+            if value is None or "://" in value:
+                continue
+            path = Path(value)
+            ok = path.is_dir() if want_dir else path.is_file()
+            if not ok:
+                kind = "folder" if want_dir else "file"
+                problems.append(f"data.{split}.{key}: {kind} not found: {path.resolve()}")
+    if problems:
+        raise LaunchError("dataset paths are missing:\n  " + "\n  ".join(problems))
 
 
 def check_cpu_budget(cfg: ExperimentConfig) -> None:

@@ -99,7 +99,7 @@ def _clean_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:
             f = float(v)
         except (TypeError, ValueError):
             continue
-        if math.isfinite(f):
+        if not math.isinf(f):  # NaN is kept: MLflow stores it, and COCO's "no objects of this size" is NaN
             out[k] = f
     return out
 
@@ -126,7 +126,7 @@ class MlflowRun:
             self.client.log_batch(self.run_id, params=items[i : i + PARAM_BATCH])
 
     def log_metrics(self, metrics: Mapping[str, Any], step: int | None = None) -> None:
-        """Log finite numeric values; non-numbers are skipped (MLflow metrics are floats)."""
+        """Log numeric values (NaN included, infinities and non-numbers skipped: MLflow metrics are floats)."""
         import time
 
         from mlflow.entities import Metric
