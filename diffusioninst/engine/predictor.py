@@ -33,7 +33,8 @@ def find_config(checkpoint: str | Path) -> Path | None:
 
 def load_model(cfg: ExperimentConfig, checkpoint: str | Path, device: torch.device | str = "cpu") -> torch.nn.Module:
     """Build the model of ``cfg`` and load ``checkpoint`` (ours or official) into it, strictly."""
-    from diffusioninst.model import build_model, load_checkpoint
+    from diffusioninst.convert import load_checkpoint
+    from diffusioninst.model import build_model
 
     p = Path(checkpoint)
     if not p.exists():

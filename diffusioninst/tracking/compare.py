@@ -137,14 +137,14 @@ def _search(client: Any, experiment_ids: list[str], filter_string: str) -> list[
 
 def detect_axes(runs: Sequence[RunRecord], parent_tags: dict[str, str] | None = None) -> list[str]:
     """Swept keys from the ``diffusioninst.sweep.axes`` tag (parent, else runs), else the ``axis.*`` params, else
-    every parameter that differs between the runs (bookkeeping keys excluded)."""
+    every parameter that all runs logged with differing values (bookkeeping keys excluded)."""
     for tags in [parent_tags or {}, *(r.tags for r in runs)]:
         if AXES_TAG in tags:
             return list(json.loads(tags[AXES_TAG]))
     swept = sorted({k.removeprefix(AXIS_PARAM) for r in runs for k in r.params if k.startswith(AXIS_PARAM)})
     if swept:
         return swept
-    keys = sorted({k for r in runs for k in r.params})
+    keys = sorted(set.intersection(*(set(r.params) for r in runs)))  # a param some runs lack is not an axis
     differing = []
     for key in keys:
         if key in _BOOKKEEPING or key.startswith(_BOOKKEEPING_PREFIXES):
