@@ -447,3 +447,49 @@ def test_train_sweep_end_to_end_and_rerun_keeps_finished_trials(tmp_path):
     assert {c.info.run_id for c in again} == {c.info.run_id for c in children}
     assert len(client.search_runs([exp], "tags.`diffusioninst.kind` = 'sweep'")) == 1
     assert second_s < first_s
+
+
+def test_trial_outcomes_are_tagged_on_child_runs(tmp_path):
+    from types import SimpleNamespace
+
+    from mlflow.tracking import MlflowClient
+
+    from diffusioninst.tune.common import TRIAL_TAG, open_sweep
+    from diffusioninst.tune.train_sweep import mark_children, summarize
+
+    path = write_sweep(
+        tmp_path,
+        {"search_space": {"model.loss.mask_weight": {"grid_search": [1.0, 2.0, 5.0, 8.0]}}},
+        output_dir=str(tmp_path / "out"),
+        solver={"max_iter": 8, "steps": [6]},
+        ray={"storage_path": str(tmp_path / "runs")},
+        tracking={"tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "experiment_name": "o"},
+    )
+    ctx = open_sweep(load_sweep(path))
+    client = MlflowClient(ctx.tracking_uri)
+    exp = client.get_experiment_by_name("o").experiment_id
+    ids = {}
+    for t in ("a", "b", "c", "d"):
+        run = client.create_run(exp, tags={"mlflow.parentRunId": ctx.parent.run_id, TRIAL_TAG: t})
+        ids[t] = run.info.run_id
+    client.set_terminated(ids["a"])  # train() finished it
+
+    def result(trial, lam, error=None, **metrics):
+        metrics = {"trial_id": trial, **metrics} if metrics else {}
+        return SimpleNamespace(
+            metrics=metrics, config={"model.loss.mask_weight": lam}, error=error, path=f"p/trial_{trial}"
+        )
+
+    grid = [
+        result("a", 1.0, iteration=8, done=True),
+        result("b", 2.0, iteration=4, done=True),  # ASHA stopped it
+        result("c", 5.0, iteration=4, done=False),  # interrupted sweep
+        result("d", 8.0, error=RuntimeError("x")),
+    ]
+    summaries = summarize(ctx, grid)
+    assert [s.status for s in summaries] == ["finished", "stopped at iteration 4", "unfinished", "failed: RuntimeError"]
+    assert summaries[3].trial_id == "d" and summaries[1].params == {"model.loss.mask_weight": 2.0}
+    mark_children(ctx, summaries)
+    got = {t: client.get_run(i) for t, i in ids.items()}
+    assert {t: r.info.status for t, r in got.items()} == {"a": "FINISHED", "b": "KILLED", "c": "RUNNING", "d": "FAILED"}
+    assert got["b"].data.tags["diffusioninst.sweep.trial_status"] == "stopped at iteration 4"

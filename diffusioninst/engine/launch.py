@@ -106,8 +106,11 @@ def open_eval_tracking(cfg: ExperimentConfig, checkpoint: str | Path, steps: lis
     return run
 
 
-def init_ray(cfg: ExperimentConfig) -> None:
-    """Connect to ``ray.address`` (or ``$RAY_ADDRESS``), else start a local Ray bound to 127.0.0.1."""
+def init_ray(cfg: ExperimentConfig, resources: dict[str, float] | None = None) -> None:
+    """Connect to ``ray.address`` (or ``$RAY_ADDRESS``), else start a local Ray bound to 127.0.0.1.
+
+    ``resources``: custom resources a local Ray advertises (a sweep's ``driver`` slots); ignored on a cluster.
+    """
     import ray
 
     if ray.is_initialized():
@@ -119,6 +122,7 @@ def init_ray(cfg: ExperimentConfig) -> None:
         return
     ray.init(
         num_cpus=cfg.ray.local_num_cpus or os.cpu_count(),
+        resources=dict(resources or {}),
         include_dashboard=True,
         dashboard_host="127.0.0.1",
         runtime_env={"env_vars": env},

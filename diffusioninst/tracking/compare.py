@@ -198,7 +198,8 @@ def build_comparison(
     if show_steps and "steps" in labels.values():
         labels = {a: (a if lab == "steps" else lab) for a, lab in labels.items()}
     best = None
-    scored = [(v, r) for r in runs if (v := metric_value(r, metric)) is not None]
+    in_order = sorted(runs, key=lambda r: ([_sort_key(axis_value(r, a)) for a in axes], r.name))
+    scored = [(v, r) for r in in_order if (v := metric_value(r, metric)) is not None]  # ties: first in order
     if scored:
         value, run = (max if mode == "max" else min)(scored, key=lambda x: x[0])
         best = {"run_id": run.run_id, "run": run.name, "value": value, **{a: axis_value(run, a) for a in axes}}

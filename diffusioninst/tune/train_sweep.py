@@ -32,7 +32,12 @@ class TrialSummary:
 
 
 def driver_resources(ctx: SweepContext) -> dict[str, float]:
-    """1 unit of the cluster's driver resource (only the head advertises it), else a sliver of a CPU."""
+    """1 unit of the cluster's driver resource (only the head advertises it), else a sliver of a CPU.
+
+    A local Ray started by the sweep advertises ``max_concurrent_trials`` driver slots itself, so the drivers
+    take no CPU at all: with 2 CPUs, two 1-CPU Train workers still fit next to two drivers (with 0.01 CPU each,
+    only 1.98 CPUs would be left and the second Train run would wait).
+    """
     import ray
 
     name = ctx.cfg.sweep.driver_resource
@@ -117,7 +122,8 @@ def run_train_sweep(ctx: SweepContext) -> list[TrialSummary]:
 
     base = prepare(experiment_of(ctx.cfg))  # dataset generated/located once, before any trial starts
     check_local_capacity(ctx)
-    init_ray(base)
+    slots = ctx.cfg.sweep.driver_resource
+    init_ray(base, resources={slots: float(ctx.cfg.sweep.max_concurrent_trials)} if slots else None)
     setup = TrialSetup(
         base=to_dict(base),
         axes=ctx.axes,
