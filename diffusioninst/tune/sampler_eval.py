@@ -69,6 +69,9 @@ def evaluate_settings(cfg: ExperimentConfig, checkpoint: str, samplers: dict[str
     else:
         import ray
 
+        from diffusioninst.engine.launch import init_ray
+
+        init_ray(cfg)  # no-op when Ray is already up
         options: dict[str, Any] = {"num_cpus": cfg.ray.cpus_per_worker}
         if cfg.ray.use_gpu:
             options["num_gpus"] = cfg.ray.gpus_per_worker

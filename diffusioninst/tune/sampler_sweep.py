@@ -24,7 +24,7 @@ from typing import Any
 
 from diffusioninst.config import ExperimentConfig, SamplerConfig, flatten
 from diffusioninst.config.sweep import experiment_of
-from diffusioninst.engine.launch import LaunchError, init_ray, prepare, run_key, train
+from diffusioninst.engine.launch import LaunchError, prepare, run_key, train
 from diffusioninst.tracking import start_or_resume_run
 from diffusioninst.tracking.compare import ROLE_TAG
 from diffusioninst.tune import store
@@ -152,8 +152,6 @@ def log_setting(ctx: SweepContext, base: ExperimentConfig, setting: Setting, rec
 def run_sampler_sweep(ctx: SweepContext) -> list[Setting]:
     """Evaluate every pending setting, log every setting's child run, write the comparison."""
     base = prepare(experiment_of(ctx.cfg))
-    if base.ray.num_workers > 0:
-        init_ray(base)
     checkpoint = base_checkpoint(ctx, base)
     settings, dropped = sweep_settings(ctx, base)
     pending = [s for s in settings if store.read_json(result_path(ctx, s.sid)) is None]
