@@ -131,8 +131,11 @@ def open_eval_tracking(cfg: ExperimentConfig, checkpoint: str | Path, steps: lis
     return run
 
 
-def init_ray(cfg: ExperimentConfig) -> None:
-    """Connect to ``ray.address`` (or ``$RAY_ADDRESS``), else start a local Ray bound to 127.0.0.1."""
+def init_ray(cfg: ExperimentConfig, resources: dict[str, float] | None = None) -> None:
+    """Connect to ``ray.address`` (or ``$RAY_ADDRESS``), else start a local Ray bound to 127.0.0.1.
+
+    ``resources``: custom resources a local Ray advertises (a sweep's ``driver`` slots); ignored on a cluster.
+    """
     import ray
 
     if ray.is_initialized():
@@ -144,6 +147,7 @@ def init_ray(cfg: ExperimentConfig) -> None:
         return
     ray.init(
         num_cpus=cfg.ray.local_num_cpus or os.cpu_count(),
+        resources=dict(resources or {}),
         include_dashboard=True,
         dashboard_host="127.0.0.1",
         runtime_env={"env_vars": env},
@@ -153,8 +157,16 @@ def init_ray(cfg: ExperimentConfig) -> None:
     )
 
 
-def fit(cfg: ExperimentConfig, tracking: TrackingInfo, datasets: dict[str, Any] | None = None) -> Any:
-    """Build and run the ``TorchTrainer``; re-running with the same name/storage resumes it."""
+def fit(
+    cfg: ExperimentConfig,
+    tracking: TrackingInfo,
+    datasets: dict[str, Any] | None = None,
+    callbacks: list[Any] | None = None,
+) -> Any:
+    """Build and run the ``TorchTrainer``; re-running with the same name/storage resumes it.
+
+    ``callbacks``: Ray Train ``UserCallback``s for the Train ``RunConfig`` (a Tune trial passes its report callback).
+    """
     import ray.train
     from ray.train.torch import TorchTrainer
 
@@ -175,6 +187,7 @@ def fit(cfg: ExperimentConfig, tracking: TrackingInfo, datasets: dict[str, Any] 
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.ray.num_to_keep),
             failure_config=ray.train.FailureConfig(max_failures=cfg.ray.max_failures),
             logging_config=ray.train.LoggingConfig(log_level="WARNING"),  # our own progress lines suffice
+            callbacks=list(callbacks or []),
         ),
         datasets=datasets,
     )
@@ -217,8 +230,11 @@ def collect(
     )
 
 
-def train(cfg: ExperimentConfig, parent_run_id: str | None = None) -> RunOutcome:
-    """Whole training run from a validated config: checks, tracking, Ray (or in-process), results."""
+def train(cfg: ExperimentConfig, parent_run_id: str | None = None, callbacks: list[Any] | None = None) -> RunOutcome:
+    """Whole training run from a validated config: checks, tracking, Ray (or in-process), results.
+
+    ``callbacks`` go to the Train ``RunConfig`` (ignored in-process, ``ray.num_workers: 0``).
+    """
     from diffusioninst.engine.train import run_local
 
     cfg = prepare(cfg)
@@ -239,7 +255,7 @@ def train(cfg: ExperimentConfig, parent_run_id: str | None = None) -> RunOutcome
                 from diffusioninst.data.ray_ingest import build_ray_dataset
 
                 datasets = {"train": build_ray_dataset(cfg, "train")}
-            result = fit(cfg, tracking, datasets)
+            result = fit(cfg, tracking, datasets, callbacks)
             if result.error is not None:
                 raise result.error
             ckpt = result.checkpoint
