@@ -172,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/model_speed_<device>.json)")
     p.add_argument("--channels-last", action="store_true", help="model.channels_last (encoder in NHWC)")
     p.add_argument("--modes", nargs="+", default=["infer1", "infer4", "train"], help="infer1 infer4 train")
-    p.add_argument("--merge", action="store_true", help="update the entries of an existing JSON instead of replacing it")
+    p.add_argument("--merge", action="store_true", help="update entries of an existing JSON, do not replace it")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
