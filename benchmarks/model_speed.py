@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -79,11 +80,38 @@ def synthetic_batch(batch: int, hw: tuple[int, int], instances: int, num_classes
     return images, sizes, targets
 
 
+def official_like_inference(model, images, sizes, steps: int, seed: int) -> list[dict]:
+    """The official order of work with our modules: F_mask recomputed at every step (the official head
+    recomputes it per call), the dynamic mask head as a grouped conv over F_mask repeated per detection,
+    every kept detection's mask upsampled over the whole image. Same outputs as the fast path."""
+    with torch.no_grad():
+        x = model.preprocess(images, sizes)
+        feats = model.backbone(x)
+        fpn = model.fpn([feats[n] for n in model.cfg.fpn.in_features])
+        for _ in range(steps):
+            mask_feat = model.mask_branch([fpn[n] for n in model.cfg.mask.in_features])
+        enc = Encoded([fpn[n] for n in model.cfg.head.in_features], mask_feat, sizes, fpn)
+        dets = model.sample(enc, SamplerConfig(steps=steps), [GeneratorNoise(seed)])
+        outs = []
+        for d, s in zip(dets, sizes.tolist()):
+            m = len(d)
+            w0, w1, w2, b0, b1, b2 = torch.split(d.kernels, [64, 64, 8, 8, 8, 1], dim=1)
+            y = d.mask_feat[None].repeat(1, m, 1, 1)
+            y = torch.relu(F.conv2d(y, w0.reshape(m * 8, 8, 1, 1), b0.reshape(-1), groups=m))
+            y = torch.relu(F.conv2d(y, w1.reshape(m * 8, 8, 1, 1), b1.reshape(-1), groups=m))
+            F.conv2d(y, w2.reshape(m, 8, 1, 1), b2.reshape(-1), groups=m)  # logits, as official
+            outs.append(postprocess(d, d.image_size, tuple(s), mask_head=model.mask_head, reference=True))
+    return outs
+
+
 def bench_inference(model, images, sizes, steps: int, runs: int, device) -> dict:
     cfg = SamplerConfig(steps=steps)
     records = []
     for r in range(runs + 1):  # first run is warm-up
         timer = Timer(device)
+        if model.cfg.mask.mask_channels == 8 and model.cfg.mask.head_layers == 3:
+            with timer("official_like_total"):  # interleaved with ours: same machine load for both
+                official_like_inference(model, images, sizes, steps, r)
         with torch.no_grad():
             with timer("total"):
                 with timer("backbone_fpn"):
@@ -135,6 +163,8 @@ def _summary(records: list[dict]) -> dict:
     """Median of every timing (seconds) plus ``min_total`` (the shared 2-core box is noisy)."""
     out = {k: statistics.median(rec[k] for rec in records) for k in records[0]}
     out["min_total"] = min(rec["total"] for rec in records)
+    if "official_like_total" in out:
+        out["speedup_vs_official_like"] = statistics.median(r["official_like_total"] / r["total"] for r in records)
     return out
 
 
