@@ -66,7 +66,7 @@ class _PoolLevels(torch.autograd.Function):
     @staticmethod
     def forward(ctx, spec: dict, rois: Tensor, *features: Tensor) -> Tensor:
         out = features[0].new_zeros((rois.shape[0], features[0].shape[1], spec["size"], spec["size"]))
-        parts = torch.get_num_threads()
+        parts = torch.get_num_threads() if rois.device.type == "cpu" else 1
         jobs = [(level, part) for level, idx in enumerate(spec["index"]) for part in _split(idx, parts)]
 
         def pool(level: int, part: Tensor) -> tuple[Tensor, Tensor]:
@@ -92,7 +92,7 @@ class _PoolLevels(torch.autograd.Function):
             shape_args = (spec["scales"][level], size, size, b, c, h, w, spec["ratio"], True)
             return level, _roi_align_backward(grad[part].contiguous(), rois[part].to(grad.dtype), *shape_args)
 
-        parts = torch.get_num_threads()
+        parts = torch.get_num_threads() if rois.device.type == "cpu" else 1
         jobs = [(level, part) for level, idx in enumerate(spec["index"]) for part in _split(idx, parts)]
         grads: list[Tensor | None] = [None] * len(ctx.shapes)
         for level, g in spec["runner"].map(back, jobs):
