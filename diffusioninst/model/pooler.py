@@ -66,17 +66,13 @@ class _PoolLevels(torch.autograd.Function):
     @staticmethod
     def forward(ctx, spec: dict, rois: Tensor, *features: Tensor) -> Tensor:
         out = features[0].new_zeros((rois.shape[0], features[0].shape[1], spec["size"], spec["size"]))
-        jobs = []
-        for level, idx in enumerate(spec["index"]):
-            for part in _split(idx, torch.get_num_threads()):
-                jobs.append((level, part))
+        parts = torch.get_num_threads() if rois.device.type == "cpu" else 1
+        jobs = [(level, part) for level, idx in enumerate(spec["index"]) for part in _split(idx, parts)]
 
         def pool(level: int, part: Tensor) -> tuple[Tensor, Tensor]:
             feat = features[level]
-            pooled = roi_align(
-                feat, rois[part].to(feat.dtype), spec["size"], spec["scales"][level], spec["ratio"], True
-            )
-            return part, pooled
+            boxes = rois[part].to(feat.dtype)
+            return part, roi_align(feat, boxes, spec["size"], spec["scales"][level], spec["ratio"], True)
 
         for part, pooled in spec["runner"].map(pool, jobs):
             out[part] = pooled
@@ -93,24 +89,11 @@ class _PoolLevels(torch.autograd.Function):
 
         def back(level: int, part: Tensor) -> tuple[int, Tensor]:
             b, c, h, w = ctx.shapes[level]
-            g = _roi_align_backward(
-                grad[part].contiguous(),
-                rois[part].to(grad.dtype),
-                spec["scales"][level],
-                size,
-                size,
-                b,
-                c,
-                h,
-                w,
-                spec["ratio"],
-                True,
-            )
-            return level, g
+            shape_args = (spec["scales"][level], size, size, b, c, h, w, spec["ratio"], True)
+            return level, _roi_align_backward(grad[part].contiguous(), rois[part].to(grad.dtype), *shape_args)
 
-        jobs = [
-            (level, part) for level, idx in enumerate(spec["index"]) for part in _split(idx, torch.get_num_threads())
-        ]
+        parts = torch.get_num_threads() if rois.device.type == "cpu" else 1
+        jobs = [(level, part) for level, idx in enumerate(spec["index"]) for part in _split(idx, parts)]
         grads: list[Tensor | None] = [None] * len(ctx.shapes)
         for level, g in spec["runner"].map(back, jobs):
             grads[level] = g if grads[level] is None else grads[level] + g

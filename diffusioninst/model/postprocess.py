@@ -181,7 +181,7 @@ def postprocess(
         input_size: (h, w) of the unpadded network input (default ``det.image_size``).
         output_size: (H, W) to render at (default: the input size).
         mask_threshold: probability threshold (strict ``>``).
-        mask_head: the dynamic mask head (default: the official 8 -> 8 -> 8 -> 1 sizes inferred from F_mask).
+        mask_head: the dynamic mask head (default: ``det.mask_head``, else the official 8 -> 8 -> 8 -> 1 sizes).
         reference: use the straightforward full-image pipeline instead of the windowed one.
     Returns:
         ``boxes`` float32 [M, 4] abs xyxy (output frame, clipped), ``scores`` [M], ``labels`` int64 [M],
@@ -191,7 +191,7 @@ def postprocess(
     output_size = tuple(int(v) for v in (output_size or input_size))
     if min(input_size) <= 0 or min(output_size) <= 0:
         raise ValueError(f"postprocess: sizes must be positive, got input {input_size}, output {output_size}")
-    head = mask_head or DynamicMaskHead(in_channels=det.mask_feat.shape[0])
+    head = mask_head or det.mask_head or DynamicMaskHead(in_channels=det.mask_feat.shape[0])
     boxes, keep = output_boxes(det.boxes, input_size, output_size)
     boxes = boxes[keep]
     kept = Detections(

@@ -132,6 +132,7 @@ def _sample(model, enc: Encoded, cfg: SamplerConfig, noises: list[NoiseSource], 
             mask_feat=enc.mask_feat[i],
             image_size=(int(sizes[i][0]), int(sizes[i][1])),
             trace=traces[i],
+            mask_head=model.mask_head,
         )
         for i, f in enumerate(final)
     ]

@@ -57,6 +57,7 @@ class Detections:
         mask_feat: [C, Hp/4, Wp/4] F_mask of the image.
         image_size: (h, w) of the unpadded input image.
         trace: per-step internals when sampling was asked to record them (tests / debugging).
+        mask_head: the dynamic mask head that reads ``kernels`` (set by the sampler).
     """
 
     boxes: Tensor
@@ -66,6 +67,7 @@ class Detections:
     mask_feat: Tensor
     image_size: tuple[int, int]
     trace: dict | None = None
+    mask_head: object | None = None
 
     def __len__(self) -> int:
         return int(self.boxes.shape[0])
