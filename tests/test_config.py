@@ -75,6 +75,11 @@ def test_dotted_overrides_parse_yaml_values(tmp_path):
     assert cfg.eval.steps == [1, 4]
     assert cfg.model.backbone.weights is None
     assert cfg.sampler.eta == 0.0 and isinstance(cfg.sampler.eta, float)
+    # YAML 1.1 reads 1e-3 (no dot) as a string; float fields accept it
+    cfg = load_config(ExperimentConfig, None, SYN + ["solver.base_lr=1e-3", "solver.weight_decay=5E-5"])
+    assert cfg.solver.base_lr == 1e-3 and cfg.solver.weight_decay == 5e-5
+    msg = error_of(lambda: load_config(ExperimentConfig, None, SYN + ["solver.base_lr=fast"]))
+    assert "solver.base_lr: expected float, got 'fast'" in msg
 
 
 def test_unknown_key_names_file_and_suggests_nearest(tmp_path):

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from pathlib import Path
@@ -25,6 +26,7 @@ T = TypeVar("T")
 
 BASE_KEY = "_base_"
 CLI_SOURCE = "--set"
+_FLOAT_RE = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
 DEFAULT_SOURCE = "defaults"
 
 
@@ -229,6 +231,8 @@ def _convert(tp: Any, value: Any) -> tuple[bool, Any]:
     if tp is int:
         return (isinstance(value, int) and not isinstance(value, bool)), value
     if tp is float:
+        if isinstance(value, str) and _FLOAT_RE.fullmatch(value.strip()):
+            return True, float(value)  # YAML 1.1 reads "1e-3" (no dot) as a string
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             return False, value
         return True, float(value)

@@ -111,11 +111,11 @@ class ResNet(nn.Module):
         if depth not in BLOCKS_PER_DEPTH:
             raise ValueError(f"model.backbone.name: unsupported ResNet depth {depth}; use {sorted(BLOCKS_PER_DEPTH)}")
         basic = depth in (18, 34)
-        if basic and (res2_out_channels != 64 or res5_dilation != 1 or num_groups != 1):
+        if basic and (res5_dilation != 1 or num_groups != 1):
             raise ValueError(
-                "model.backbone: ResNet-18/34 need res2_out_channels 64, res5_dilation 1 and num_groups 1 "
-                f"(got {res2_out_channels}, {res5_dilation}, {num_groups})"
-            )
+                "model.backbone: ResNet-18/34 need res5_dilation 1 and num_groups 1 "
+                f"(got {res5_dilation}, {num_groups})"
+            )  # any res2 width works (narrow ResNet-18s train fast from scratch); 64 is the ImageNet one
         self.stem = Stem(stem_out_channels, norm)
         cin, cout, bottleneck = stem_out_channels, res2_out_channels, num_groups * width_per_group
         self.out_channels: dict[str, int] = {}
