@@ -284,6 +284,16 @@ def test_batchnorm_running_stats_after_train_forward(folder):
             close(state[key], ref, key)
 
 
+# Gradients are float32 sums over many pixels whose ReLU decisions can flip between CPUs (oneDNN picks other
+# kernels, so other rounding, on AVX2 and AVX-512 machines): one pre-activation within rounding of zero in
+# the constant zero-padded region flips the gradient of thousands of identical pixels at once. Measured on an
+# AVX2 box against the fixtures (recorded elsewhere): the whole gradient agrees to 2.0e-5 relative (L2),
+# the worst single tensor (a mask-branch BatchNorm bias, behind such a flip) to 6.5e-3 of its max; on the
+# machine the fixtures came from, everything agrees to 1.7e-6. So: the gradient as a whole to RTOL, and every
+# tensor to GRAD_TENSOR_RTOL, which still catches any wrong term, scale or missing path (errors of 1e-1+).
+GRAD_TENSOR_RTOL = 1e-2
+
+
 @pytest.mark.parametrize("folder", FIXTURES, ids=IDS)
 def test_gradients(folder):
     fx, model, _, _, _, _ = training_run(folder)
@@ -291,11 +301,17 @@ def test_gradients(folder):
     converted, report = convert_official_state_dict(grads)
     assert not report["unmatched"]
     params = dict(model.named_parameters())
+    diffs, refs = [], []
     for key, ref in converted.items():
         assert params[key].grad is not None, f"{key}: no gradient (official has one)"
+        ours, ref = params[key].grad.double(), ref.double()
         scale = ref.abs().max().item()
-        err = (params[key].grad.double() - ref.double()).abs().max().item()
-        assert err <= RTOL * max(scale, 1e-6), f"{key}: gradient error {err:.3g} (max |g| {scale:.3g})"
+        err = (ours - ref).abs().max().item()
+        assert err <= GRAD_TENSOR_RTOL * max(scale, 1e-6), f"{key}: gradient error {err:.3g} (max |g| {scale:.3g})"
+        diffs.append((ours - ref).flatten())
+        refs.append(ref.flatten())
+    total = (torch.cat(diffs).norm() / torch.cat(refs).norm()).item()
+    assert total <= RTOL, f"whole gradient: relative L2 error {total:.3g} > {RTOL:g}"
     without, _ = convert_official_state_dict({k: torch.zeros(1) for k in fx.train["params_without_grad"]})
     ours_without = {k for k, p in params.items() if p.grad is None}
     assert ours_without == set(without), "parameters without gradient"
