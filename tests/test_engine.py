@@ -141,6 +141,34 @@ def test_nonfinite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_pat
     assert run.info.status == "FAILED"
 
 
+def test_time_budget_ends_the_run_and_decays_the_lr_on_time(tmp_path):
+    from diffusioninst.engine.checkpoint import read_state
+    from diffusioninst.engine.launch import train
+
+    cfg = tiny_cfg(
+        tmp_path,
+        "name=budget",
+        "solver.max_iter=100000",
+        "solver.steps=[50000]",
+        "solver.warmup_iters=0",
+        "solver.time_budget_min=0.05",  # 3 s of training
+        "solver.log_period=1",
+        "solver.ims_per_batch=1",
+        "model.head.num_proposals=10",
+        "eval.at_end=false",
+        "tracking.enabled=false",
+    )
+    outcome = train(cfg)
+    state = read_state(Path(outcome.checkpoint_path), map_location="cpu")
+    stopped = int(state["iteration"])
+    assert 1 <= stopped < 100000 and state["train_seconds"] >= 3.0
+    lrs = [h["lr"] for h in state["history"]]
+    assert lrs[0] == pytest.approx(cfg.solver.base_lr)
+    assert lrs[-1] == pytest.approx(cfg.solver.base_lr * cfg.solver.gamma)  # decayed at half the budget
+    again = train(cfg)  # the budget is spent: re-running resumes and stops at once
+    assert int(read_state(Path(again.checkpoint_path), map_location="cpu")["iteration"]) == stopped
+
+
 def _pipeline(script: str, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, str(ROOT / "pipelines" / script), *args],

@@ -9,7 +9,7 @@ import torch
 
 from diffusioninst.config import SolverConfig
 from diffusioninst.engine.checkpoint import CheckpointError, read_state, write_checkpoint
-from diffusioninst.engine.solver import build_lr_scheduler, build_optimizer, clip_gradients, lr_factor
+from diffusioninst.engine.solver import TrainClock, build_lr_scheduler, build_optimizer, clip_gradients, lr_factor
 from diffusioninst.tracking import TrackingError, check_tracking_uri, resolve_tracking_uri, start_or_resume_run
 
 
@@ -38,6 +38,33 @@ def test_scheduler_steps_the_optimizer_lr_per_iteration():
     assert seen == pytest.approx(expected)
     assert isinstance(opt, torch.optim.AdamW)
     assert opt.param_groups[0]["weight_decay"] == cfg.weight_decay
+
+
+def test_time_budget_reads_milestones_as_fractions_of_the_run():
+    cfg = SolverConfig(base_lr=1.0, max_iter=100, steps=[80], warmup_iters=0, gamma=0.1, time_budget_min=1.0)
+    clock = TrainClock(cfg)
+    assert clock.progress_iteration(10) == 10 and not clock.exhausted and clock.remaining_s() == 60.0
+    clock.seconds = 30.0  # half the budget after 10 iterations: the schedule stands at iteration 50
+    assert clock.progress_iteration(10) == 50 and clock.fraction(10) == pytest.approx(0.5)
+    assert lr_factor(10, cfg, clock.progress_iteration(10)) == 1.0
+    clock.seconds = 48.0  # 80% of the budget: past the milestone at 80 / 100
+    assert lr_factor(10, cfg, clock.progress_iteration(10)) == pytest.approx(0.1)
+    assert clock.progress_iteration(90) == 90  # iterations still count when they run out first
+    clock.seconds = 60.0
+    assert clock.exhausted and clock.remaining_s() == 0.0 and clock.fraction(10) == 1.0
+    assert not TrainClock(SolverConfig(max_iter=100)).exhausted  # no budget: never
+
+
+def test_scheduler_follows_the_clock():
+    cfg = SolverConfig(base_lr=1e-3, max_iter=1000, steps=[500], warmup_iters=0, gamma=0.5, time_budget_min=1.0)
+    clock = TrainClock(cfg)
+    opt = build_optimizer(torch.nn.Linear(2, 2), cfg)
+    sched = build_lr_scheduler(opt, cfg, clock)
+    for seconds in (10.0, 29.0, 31.0):  # 31 s > half of 60 s: milestone 500 / 1000 passed at iteration 3
+        clock.seconds = seconds
+        opt.step()
+        sched.step()
+    assert opt.param_groups[0]["lr"] == pytest.approx(5e-4)
 
 
 def test_backbone_multiplier_and_frozen_params():

@@ -367,6 +367,13 @@ class SolverConfig:
     ims_per_batch: int = option(32, min=1, help="global batch size (summed over workers)")
     grad_accum_steps: int = option(1, min=1, help="micro-batches accumulated per optimizer step")
     max_iter: int = option(90000, min=1, help="optimizer steps")
+    time_budget_min: float | None = option(
+        None,
+        min=0.0,
+        min_exclusive=True,
+        help="also stop after this many minutes of training (time before a resume counts); the lr steps then fall "
+        "at steps[i] / max_iter of whichever of max_iter and the budget runs out first (null = iterations only)",
+    )
     steps: list[int] = option([60000, 80000], min=1, help="iterations at which lr is multiplied by gamma")
     gamma: float = option(0.1, min=0.0, help="lr decay factor at each step")
     warmup_iters: int = option(1000, min=0, help="linear warmup length")

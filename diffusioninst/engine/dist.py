@@ -13,13 +13,12 @@ def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
-def any_true(flag: bool, device: torch.device) -> bool:
-    """True on every rank if ``flag`` is True on any rank (a collective: all ranks must call it)."""
-    if not is_distributed():
-        return flag
-    t = torch.tensor([1.0 if flag else 0.0], device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item() > 0)
+def max_over_ranks(values: list[float], device: torch.device) -> list[float]:
+    """Element-wise maximum of ``values`` over ranks (a collective: all ranks must call it)."""
+    t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=device)
+    if is_distributed():
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.tolist()
 
 
 def mean_over_ranks(values: Mapping[str, float], device: torch.device) -> dict[str, float]:

@@ -35,9 +35,12 @@ class Progress:
     def add_images(self, n: int) -> None:
         self.images += n
 
-    def line(self, iteration: int, values: Mapping[str, float], lr: float | None = None) -> dict[str, float]:
+    def line(
+        self, iteration: int, values: Mapping[str, float], lr: float | None = None, remaining_s: float | None = None
+    ) -> dict[str, float]:
         """Print ``[train] iter 120/1000 | eta 0:05:12 | 3.9 img/s | lr 1.0e-03 | loss 12.3 | loss_ce ...``.
 
+        ``remaining_s``: time left in a time budget; the ETA is the sooner of it and the iteration-based one.
         Returns the throughput figures (img/s, s/iter) for logging.
         """
         now = time.perf_counter()
@@ -48,6 +51,8 @@ class Progress:
         elapsed = now - self.t0
         rate = elapsed / max(iteration - self.start, 1)
         eta = rate * (self.total - iteration)
+        if remaining_s is not None:
+            eta = min(eta, remaining_s)
         parts = [f"[{self.prefix}] iter {iteration}/{self.total}", f"eta {format_duration(eta)}", f"{img_s:.2f} img/s"]
         if lr is not None:
             parts.append(f"lr {lr:.3g}")
