@@ -93,6 +93,17 @@ def test_nms_off_and_detection_cap(setup):
     assert len(capped) == 4 and bool((capped.scores[:-1] >= capped.scores[1:]).all())
 
 
+def test_sampler_num_proposals_draws_that_many_boxes(setup):
+    model, enc, _, _ = setup
+    single = enc.select(0)
+    default = model.sample(single, SamplerConfig(use_nms=False), GeneratorNoise(3), record=True)[0]
+    same = model.sample(single, SamplerConfig(use_nms=False, num_proposals=model.num_proposals), GeneratorNoise(3))[0]
+    _same(default, same)  # null = the trained count, as official
+    more = model.sample(single, SamplerConfig(use_nms=False, num_proposals=40), GeneratorNoise(3), record=True)[0]
+    assert more.trace["steps"][0]["x_t"].shape == (40, 4) and len(more) == 40  # top-40 of the 40 x K scores
+    assert default.trace["steps"][0]["x_t"].shape == (model.num_proposals, 4)
+
+
 def test_windowed_rendering_equals_the_full_image_pipeline(setup):
     model, enc, _, _ = setup
     det = model.sample(enc.select(0), SamplerConfig(), GeneratorNoise(5))[0]

@@ -212,6 +212,12 @@ class ModelConfig:
 @dataclass
 class SamplerConfig:
     steps: int = option(1, min=1, help="DDIM sampling steps at inference (SAMPLE_STEP)")
+    num_proposals: int | None = option(
+        None,
+        min=1,
+        help="noise boxes sampled per image at inference (null = model.head.num_proposals, as official; "
+        "DiffusionDet's 'dynamic boxes': any count works, more boxes find more objects)",
+    )
     eta: float = option(1.0, min=0.0, max=1.0, help="DDIM eta (official 1.0; 0 = deterministic)")
     box_renewal: bool = option(True, help="replace low-score boxes with fresh noise between steps")
     renewal_threshold: float = option(0.5, min=0.0, max=1.0, help="max class score a box needs to be kept")

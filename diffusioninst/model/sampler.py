@@ -75,7 +75,7 @@ def ddim_sample(
 def _sample(model, enc: Encoded, cfg: SamplerConfig, noises: list[NoiseSource], record: bool) -> list[Detections]:
     schedule = model.schedule
     scale = schedule.scale
-    n = model.num_proposals
+    n = cfg.num_proposals or model.num_proposals
     b = len(enc)
     device = enc.mask_feat.device
     whwh = enc.whwh.to(device)
