@@ -51,8 +51,7 @@ def train(args: argparse.Namespace) -> tuple[float, float]:
 
 
 def checkpoints(storage: Path) -> list[Path]:
-    found = sorted({p.parent for p in storage.rglob(STATE_FILE)})
-    return sorted(found, key=lambda d: int(read_state(d)["iteration"]))
+    return sorted({p.parent for p in storage.rglob(STATE_FILE)})
 
 
 def main() -> int:
@@ -96,6 +95,7 @@ def main() -> int:
                     row[f"{task}_{col}_steps{s}"] = round(outcome.flat_metrics[f"eval/steps_{s}/{task}/{col}"], 2)
         print(json.dumps(row), flush=True)
         rows.append(row)
+    rows.sort(key=lambda r: r["iteration"])
     if not rows:
         print(f"error: no checkpoints under {storage}", file=sys.stderr)
         return 1

@@ -126,7 +126,7 @@ def run_training(cfg: ExperimentConfig, session: Session, tracking: TrackingInfo
     model = build_model(cfg.model).to(device)
     optimizer = build_optimizer(model, cfg.solver)
     clock = TrainClock(cfg.solver)
-    scheduler = build_lr_scheduler(optimizer, cfg.solver, clock if cfg.solver.time_budget_min else None)
+    scheduler = build_lr_scheduler(optimizer, cfg.solver, clock)  # without a budget the clock is iterations
     start_iter, history = 0, []
     with session.latest_checkpoint() as ckpt_dir:
         if ckpt_dir is not None and (ckpt_dir / STATE_FILE).is_file():
