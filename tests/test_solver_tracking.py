@@ -24,6 +24,23 @@ def test_warmup_multistep_matches_closed_form():
     assert lr_factor(80, cfg) == pytest.approx(0.01)
 
 
+@pytest.mark.parametrize("kind", ["linear", "cosine"])
+def test_linear_and_cosine_decay_match_closed_form(kind):
+    cfg = SolverConfig(
+        base_lr=1.0, max_iter=100, warmup_iters=10, warmup_factor=0.1, lr_schedule=kind, lr_end_factor=0.2
+    )
+    shape = {"linear": lambda p: 1 - p, "cosine": lambda p: 0.5 * (1 + math.cos(math.pi * p))}[kind]
+    for it in (0, 5, 10, 25, 50, 99, 100, 150):
+        warm = 0.1 * (1 - it / 10) + it / 10 if it < 10 else 1.0
+        p = min(it / 100, 1.0)
+        assert lr_factor(it, cfg) == pytest.approx(warm * (0.2 + 0.8 * shape(p))), it
+    assert lr_factor(100, cfg) == pytest.approx(0.2)  # the end factor, then flat
+    # with a time budget the decay follows the fraction of the budget spent: 3/4 of it -> p = 0.75
+    budget = SolverConfig(base_lr=1.0, max_iter=100, warmup_iters=0, lr_schedule=kind, time_budget_min=1.0)
+    clock = TrainClock(budget, seconds=45.0)
+    assert lr_factor(5, budget, clock.progress_iteration(5)) == pytest.approx(shape(0.75))
+
+
 def test_scheduler_steps_the_optimizer_lr_per_iteration():
     cfg = SolverConfig(base_lr=2e-3, max_iter=20, steps=[10], warmup_iters=4, warmup_factor=0.25, gamma=0.5)
     model = torch.nn.Linear(3, 2)

@@ -380,8 +380,14 @@ class SolverConfig:
         help="also stop after this many minutes of training (time before a resume counts); the lr steps then fall "
         "at steps[i] / max_iter of whichever of max_iter and the budget runs out first (null = iterations only)",
     )
-    steps: list[int] = option([60000, 80000], min=1, help="iterations at which lr is multiplied by gamma")
-    gamma: float = option(0.1, min=0.0, help="lr decay factor at each step")
+    lr_schedule: Literal["multistep", "linear", "cosine"] = option(
+        "multistep",
+        help="multistep = official (x gamma at each of steps); linear / cosine = decay after warmup to "
+        "lr_end_factor * base_lr at the end of the run (of the time budget when it binds first)",
+    )
+    steps: list[int] = option([60000, 80000], min=1, help="multistep: iterations at which lr is multiplied by gamma")
+    gamma: float = option(0.1, min=0.0, help="multistep: lr decay factor at each step")
+    lr_end_factor: float = option(0.0, min=0.0, max=1.0, help="linear / cosine: lr factor reached at the end")
     warmup_iters: int = option(1000, min=0, help="linear warmup length")
     warmup_factor: float = option(0.01, min=0.0, max=1.0, help="lr factor at the start of warmup")
     clip_grad_norm: float = option(1.0, min=0.0, help="full-model gradient L2-norm clip (0 = off)")

@@ -3,7 +3,8 @@
 AdamW over every parameter with the same weight decay (no norm/bias exclusion, as detectron2's
 ``build_optimizer`` in the official code), an optional backbone lr multiplier, detectron2's
 ``WarmupMultiStepLR`` (linear warmup from ``warmup_factor``, then x``gamma`` at each milestone), and
-full-model L2 gradient clipping.
+full-model L2 gradient clipping. ``lr_schedule: linear | cosine`` (not in the official recipe) replace the
+milestones by a decay from ``base_lr`` after warmup down to ``lr_end_factor * base_lr`` at the end of the run.
 
 With ``solver.time_budget_min`` the run also ends when the budget is spent, and the milestones are read
 as fractions of the run: at iteration ``i`` after ``t`` seconds the schedule is at
@@ -14,6 +15,7 @@ of whichever limit comes first (warmup still counts real iterations).
 from __future__ import annotations
 
 import bisect
+import math
 
 import torch
 from torch import nn
@@ -22,18 +24,27 @@ from diffusioninst.config.schema import SolverConfig
 
 
 def lr_factor(iteration: int, cfg: SolverConfig, progress_iteration: int | None = None) -> float:
-    """Multiplier of ``base_lr`` at ``iteration`` (0-based), detectron2 ``WarmupMultiStepLR`` semantics.
+    """Multiplier of ``base_lr`` at ``iteration`` (0-based).
 
-    ``factor = warmup(iteration) * gamma ** (number of milestones <= progress_iteration)`` where the linear
-    warmup is ``warmup_factor * (1 - a) + a`` with ``a = iteration / warmup_iters`` for
-    ``iteration < warmup_iters``; ``progress_iteration`` defaults to ``iteration`` (see :class:`TrainClock`).
+    ``factor = warmup(iteration) * decay(progress_iteration)``. The linear warmup is
+    ``warmup_factor * (1 - a) + a`` with ``a = iteration / warmup_iters`` for ``iteration < warmup_iters``;
+    ``progress_iteration`` defaults to ``iteration`` (see :class:`TrainClock`). The decay, with
+    ``p = min(progress_iteration / max_iter, 1)`` and ``e = lr_end_factor``:
+
+    * ``multistep`` (official, detectron2 ``WarmupMultiStepLR``): ``gamma ** (number of steps <= progress_iteration)``;
+    * ``linear``: ``e + (1 - e) * (1 - p)``;
+    * ``cosine``: ``e + (1 - e) * (1 + cos(pi * p)) / 2``.
     """
     warm = 1.0
     if iteration < cfg.warmup_iters:
         alpha = iteration / cfg.warmup_iters
         warm = cfg.warmup_factor * (1.0 - alpha) + alpha
     progress = iteration if progress_iteration is None else progress_iteration
-    return warm * cfg.gamma ** bisect.bisect_right(cfg.steps, progress)
+    if cfg.lr_schedule == "multistep":
+        return warm * cfg.gamma ** bisect.bisect_right(cfg.steps, progress)
+    p = min(progress / cfg.max_iter, 1.0)
+    shape = 1.0 - p if cfg.lr_schedule == "linear" else 0.5 * (1.0 + math.cos(math.pi * p))
+    return warm * (cfg.lr_end_factor + (1.0 - cfg.lr_end_factor) * shape)
 
 
 class TrainClock:
