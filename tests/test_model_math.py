@@ -220,6 +220,41 @@ def test_multilevel_roi_align_gradient_matches_torchvision():
         assert torch.allclose(a, f.grad, rtol=0, atol=1e-12)
 
 
+def test_gradient_sink_sums_the_stages_like_autograd():
+    """Three poolings of one pyramid through a GradientSink (one sparse product per level at the end) against
+    the same poolings without it (one dense gradient per pooling, summed by autograd); a level no box reaches
+    still gets its zero gradient, and a level also used outside the pooler keeps that gradient too."""
+    g = torch.Generator().manual_seed(1)
+    pooler = MultiLevelRoIAlign([4, 8, 16, 32])
+    feats = [
+        torch.randn(2, 3, 64 // s, 96 // s, generator=g, dtype=torch.float64, requires_grad=True) for s in (1, 2, 4, 8)
+    ]
+    stage_boxes = []
+    for _ in range(3):  # boxes of 8..120 px: p5 (>= 448 px) gets none
+        xy = torch.rand(2, 20, 2, generator=g, dtype=torch.float64) * 200
+        stage_boxes.append(torch.cat([xy, xy + torch.rand(2, 20, 2, generator=g, dtype=torch.float64) * 112 + 8], -1))
+    weights = [torch.randn(40, 3, 7, 7, generator=g, dtype=torch.float64) for _ in range(3)]
+
+    def loss(use_sink: bool) -> list[torch.Tensor]:
+        for f in feats:
+            f.grad = None
+        sink = pooler.gradient_sink(feats) if use_sink else None
+        assert (sink is not None) == use_sink
+        levels = sink.wrap(feats) if sink is not None else feats
+        total = (levels[0] ** 2).sum()  # p2 is also used outside the pooler
+        for boxes, w in zip(stage_boxes, weights):
+            total = total + (pooler(levels, boxes, sink=sink) * w).sum()
+        total.backward()
+        return [f.grad.clone() for f in feats]
+
+    plain, shared = loss(False), loss(True)
+    for a, b in zip(plain, shared):
+        assert torch.allclose(a, b, rtol=0, atol=1e-12)
+    assert shared[3].abs().max() == 0 and shared[0].abs().max() > 0
+    with torch.no_grad():
+        assert pooler.gradient_sink(feats) is None  # nothing to back-propagate: plain pooling
+
+
 def test_federated_classes_keeps_present_and_samples_by_weight():
     gt_classes = torch.tensor([3, 3, 7, 10, 10])  # 10 = background (K = 10)
     weight = torch.zeros(10)

@@ -95,8 +95,11 @@ class DynamicHead(nn.Module):
         pro = None
         if trace is not None:
             trace.update(time_emb=time_emb, stages=[])
+        sink = self.pooler.gradient_sink(features)  # the stages' RoIAlign gradients summed once per level
+        if sink is not None:
+            features = sink.wrap(features)
         for stage in self.stages:
-            roi = self.pooler(features, boxes)
+            roi = self.pooler(features, boxes, sink=sink)
             cls, box, obj, ker = stage(roi, boxes, pro, time_emb, shared_time=shared)
             if trace is not None:
                 trace["stages"].append(

