@@ -21,6 +21,22 @@ def max_over_ranks(values: list[float], device: torch.device) -> list[float]:
     return t.tolist()
 
 
+def average_buffers(module: torch.nn.Module) -> None:
+    """Replace every floating-point buffer (BatchNorm running statistics) by its mean over ranks, in place.
+
+    Training wraps the model with ``broadcast_buffers=False`` (as detectron2 does), so each rank's BatchNorm
+    statistics follow its own data; this makes all ranks hold the same model before it is evaluated or saved.
+    Integer buffers (``num_batches_tracked``) are equal on every rank and left alone. A collective.
+    """
+    if not is_distributed():
+        return
+    world = dist.get_world_size()
+    for buf in module.buffers():
+        if buf.is_floating_point():
+            dist.all_reduce(buf, op=dist.ReduceOp.SUM)
+            buf.div_(world)
+
+
 def mean_over_ranks(values: Mapping[str, float], device: torch.device) -> dict[str, float]:
     """Average scalar values across ranks (same keys, same order on every rank)."""
     keys = sorted(values)
