@@ -43,6 +43,7 @@ def build_backbone(cfg: ModelConfig) -> nn.Module:
             stride_in_1x1=b.stride_in_1x1,
             res5_dilation=b.res5_dilation,
             freeze_at=0,
+            last_stage=_last_stage(cfg.fpn.in_features),
         )
     elif b.name.startswith("swin"):
         backbone = SwinBackbone(b.name, freeze_at=0, drop_path_rate=b.drop_path_rate)
@@ -52,6 +53,12 @@ def build_backbone(cfg: ModelConfig) -> nn.Module:
         load_backbone_weights(backbone, b.weights)
     backbone.freeze(b.freeze_at)  # after loading: frozen BNs take the loaded statistics
     return backbone
+
+
+def _last_stage(names: list[str]) -> int:
+    """Deepest ResNet stage the FPN reads (``res4`` -> 4); stages past it are not built. 5 if none is named."""
+    stages = [int(n[3:]) for n in names if n.startswith("res") and n[3:].isdigit() and 2 <= int(n[3:]) <= 5]
+    return max(stages) if stages else 5
 
 
 def build_fpn(cfg: ModelConfig, backbone: nn.Module) -> FPN:

@@ -8,6 +8,8 @@ RES2_OUT_CHANNELS and WIDTH_PER_GROUP. ``freeze_at`` freezes the stem (1) and re
 (parameters stop requiring grad and their norms become FrozenBatchNorm2d).
 
 Input: [B, 3, H, W] normalised image; output: dict ``res2..res5`` with strides 4, 8, 16, 32.
+``last_stage`` < 5 builds and runs only ``res2..res{last_stage}`` (set from ``model.fpn.in_features``: a
+pyramid that stops at res4 does not pay for res5).
 """
 
 from __future__ import annotations
@@ -106,8 +108,12 @@ class ResNet(nn.Module):
         stride_in_1x1: bool = False,
         res5_dilation: int = 1,
         freeze_at: int = 2,
+        last_stage: int = 5,
     ):
         super().__init__()
+        if not 2 <= last_stage <= 5:
+            raise ValueError(f"ResNet last_stage must be 2..5, got {last_stage}")
+        self.last_stage = last_stage
         if depth not in BLOCKS_PER_DEPTH:
             raise ValueError(f"model.backbone.name: unsupported ResNet depth {depth}; use {sorted(BLOCKS_PER_DEPTH)}")
         basic = depth in (18, 34)
@@ -119,8 +125,8 @@ class ResNet(nn.Module):
         self.stem = Stem(stem_out_channels, norm)
         cin, cout, bottleneck = stem_out_channels, res2_out_channels, num_groups * width_per_group
         self.out_channels: dict[str, int] = {}
-        self.strides = {"res2": 4, "res3": 8, "res4": 16, "res5": 32}
-        for idx, num_blocks in enumerate(BLOCKS_PER_DEPTH[depth], start=2):
+        self.strides = {f"res{idx}": 2**idx for idx in range(2, last_stage + 1)}
+        for idx, num_blocks in enumerate(BLOCKS_PER_DEPTH[depth][: last_stage - 1], start=2):
             dilation = res5_dilation if idx == 5 else 1
             first_stride = 1 if idx == 2 or (idx == 5 and dilation == 2) else 2
             blocks = []
@@ -145,7 +151,7 @@ class ResNet(nn.Module):
         """Freeze the stem (``freeze_at >= 1``) and stages res2..res{freeze_at}."""
         if freeze_at >= 1:
             self.stem.freeze()
-        for idx in range(2, 6):
+        for idx in range(2, self.last_stage + 1):
             if freeze_at >= idx:
                 for block in getattr(self, f"res{idx}"):
                     block.freeze()
@@ -153,7 +159,7 @@ class ResNet(nn.Module):
     def forward(self, x: Tensor) -> dict[str, Tensor]:
         out = {}
         x = self.stem(x)
-        for idx in range(2, 6):
+        for idx in range(2, self.last_stage + 1):
             x = getattr(self, f"res{idx}")(x)
             out[f"res{idx}"] = x
         return out

@@ -119,7 +119,8 @@ def load_backbone_weights(backbone: nn.Module, path: str | Path) -> BackboneLoad
         ours, ignored, namings = {}, [], set()
         for k, v in raw.items():
             new, naming = resnet_key_to_ours(k)
-            if new is None or _IGNORED.search(k):
+            beyond = new is not None and new.startswith("res") and int(new[3]) > backbone.last_stage
+            if new is None or _IGNORED.search(k) or beyond:  # beyond: a stage this (truncated) ResNet does not build
                 ignored.append(k)
                 continue
             ours[new] = v
