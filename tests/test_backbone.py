@@ -45,6 +45,31 @@ def test_torchvision_weights_reproduce_torchvision(tmp_path, depth):
             assert torch.allclose(feats[f"res{i}"], y, atol=1e-5), f"res{i}"
 
 
+def test_a_pyramid_without_res5_builds_no_res5(tmp_path):
+    """fpn.in_features up to res4: the ResNet stops there; torchvision weights load, their layer4 is ignored."""
+    from diffusioninst.config.schema import FPNConfig
+
+    cfg = ModelConfig(
+        backbone=BackboneConfig(name="resnet18", freeze_at=0), fpn=FPNConfig(in_features=["res2", "res3", "res4"])
+    )
+    net = build_backbone(cfg).eval()
+    assert net.last_stage == 4 and not hasattr(net, "res5") and list(net.strides) == ["res2", "res3", "res4"]
+    assert not any(k.startswith("res5.") for k in net.state_dict())
+    tv = torchvision.models.resnet18().eval()
+    _randomize_bn(tv)
+    torch.save(tv.state_dict(), tmp_path / "r18.pth")
+    report = load_backbone_weights(net, tmp_path / "r18.pth")
+    ignored = [k for k in report.ignored if not k.endswith("num_batches_tracked")]
+    assert any(k.startswith("layer4.") for k in ignored) and not any(k.startswith("layer3.") for k in ignored)
+    x = torch.randn(1, 3, 64, 96)
+    with torch.no_grad():
+        feats = net(x)
+        y = tv.layer3(tv.layer2(tv.layer1(tv.maxpool(tv.relu(tv.bn1(tv.conv1(x)))))))
+    assert list(feats) == ["res2", "res3", "res4"] and torch.allclose(feats["res4"], y, atol=1e-5)
+    with pytest.raises(ValueError, match="last_stage"):
+        ResNet(depth=18, last_stage=6)
+
+
 def test_detectron2_pkl_and_caffe2_names(tmp_path):
     src = ResNet(depth=50, stem_out_channels=16, res2_out_channels=32, width_per_group=8, freeze_at=0)
     state = {k: v for k, v in src.state_dict().items() if not k.endswith("num_batches_tracked")}

@@ -50,4 +50,3 @@ def test_helpers_over_two_gloo_ranks():
         assert r["tracked"] == 1
         assert r["max"] == [1.0, 5.0]
         assert r["avg"] == {"a": 1.0, "b": 1.0}
-

@@ -20,6 +20,7 @@ the loss terms, next to a copy of the last good checkpoint (so the run's latest 
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import shutil
@@ -102,10 +103,19 @@ def _unwrap(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
 
+# Buffers are synced once when DDP wraps the model, not before every forward (torch >= 2.14 names this
+# forward_sync_buffers and deprecates broadcast_buffers; older versions only have the latter).
+_NO_FORWARD_BUFFER_SYNC = (
+    {"forward_sync_buffers": False}
+    if "forward_sync_buffers" in inspect.signature(nn.parallel.DistributedDataParallel.__init__).parameters
+    else {"broadcast_buffers": False}
+)
+
+
 def _wrap_ddp(model: nn.Module, cfg: ExperimentConfig, session: Session) -> nn.Module:
     if not dist.is_distributed():
         return model
-    common = {"find_unused_parameters": cfg.solver.find_unused_parameters, "broadcast_buffers": False}
+    common = {"find_unused_parameters": cfg.solver.find_unused_parameters, **_NO_FORWARD_BUFFER_SYNC}
     if session.device.type == "cuda":
         return nn.parallel.DistributedDataParallel(model, device_ids=[session.device.index], **common)
     # CPU: one bucket, reduced once the backward is done. Gloo's reduction threads otherwise compete with the
