@@ -205,6 +205,31 @@ def test_unreachable_tracking_server_is_a_clear_error(tmp_path):
     assert "unreachable" in out.stderr and "Traceback" not in out.stderr
 
 
+def test_rerun_with_another_model_is_a_clear_error_before_ray_starts(tmp_path):
+    """A re-run resumes the latest checkpoint under storage/name: a changed model is named, not a state-dict error."""
+    from diffusioninst.engine.launch import check_resume_compatible
+
+    cfg = load_config(ExperimentConfig, ROOT / "experiments" / "demo.yaml", [f"ray.storage_path={tmp_path / 'runs'}"])
+    check_resume_compatible(cfg)  # nothing to resume
+    for it, proposals in ((200, 100), (400, 64)):  # the latest checkpoint decides
+        ckpt = tmp_path / "runs" / "demo" / f"checkpoint_{it:07d}"
+        ckpt.mkdir(parents=True)
+        old = load_config(
+            ExperimentConfig, ROOT / "experiments" / "demo.yaml", [f"model.head.num_proposals={proposals}"]
+        )
+        save_config(old, ckpt / "config.yaml")
+    same = load_config(
+        ExperimentConfig,
+        ROOT / "experiments" / "demo.yaml",
+        [f"ray.storage_path={tmp_path / 'runs'}", "model.head.num_proposals=64", "solver.base_lr=0.002"],
+    )
+    check_resume_compatible(same)  # only the model has to match
+    out = _pipeline("train.py", "--set", f"ray.storage_path={tmp_path / 'runs'}", "tracking.enabled=false")
+    assert out.returncode == 1, out.stderr[-3000:]
+    assert "model.head.num_proposals: 64 there, 100 now" in out.stderr and "checkpoint_0000400" in out.stderr
+    assert "Traceback" not in out.stderr
+
+
 def _weights_checkpoint(tmp_path: Path) -> tuple[Path, ExperimentConfig]:
     from diffusioninst.model import build_model
 

@@ -49,9 +49,41 @@ def prepare(cfg: ExperimentConfig) -> ExperimentConfig:
     from diffusioninst.data import ensure_dataset
 
     check_cpu_budget(cfg)
+    check_resume_compatible(cfg)
     cfg = ensure_dataset(cfg)
     check_dataset_paths(cfg)
     return cfg
+
+
+def check_resume_compatible(cfg: ExperimentConfig) -> None:
+    """A re-run resumes from the latest checkpoint under ``ray.storage_path/name``: its model must be this one.
+
+    Compares the ``model`` section of that checkpoint's ``config.yaml`` with ``cfg`` (keys present in both;
+    local storage only) and fails before Ray starts, naming every differing key, instead of a state-dict
+    error in every worker and every restart.
+    """
+    import yaml
+
+    if "://" in cfg.ray.storage_path:
+        return
+    run_dir = Path(cfg.ray.storage_path).resolve() / cfg.name
+    found = sorted(run_dir.glob("checkpoint_*/config.yaml")) if run_dir.is_dir() else []
+    if not found:
+        return
+    latest = found[-1]
+    try:
+        saved = yaml.safe_load(latest.read_text()) or {}
+    except (OSError, yaml.YAMLError) as e:
+        raise LaunchError(f"cannot read {latest} to check the run it would resume: {e}") from e
+    then = flatten({"model": saved.get("model") or {}})
+    now = flatten({"model": to_dict(cfg.model)})
+    differ = [f"{k}: {then[k]!r} there, {now[k]!r} now" for k in sorted(now) if k in then and then[k] != now[k]]
+    if differ:
+        raise LaunchError(
+            f"{run_dir} holds a run of another model (latest checkpoint {latest.parent.name}), and re-running "
+            f"'{cfg.name}' would resume it:\n  " + "\n  ".join(differ) + f"\nDelete {run_dir}, train under another "
+            "name (--set name=...), or set the model back to those values."
+        )
 
 
 def check_dataset_paths(cfg: ExperimentConfig) -> None:
