@@ -153,3 +153,22 @@ def test_run_is_resumed_by_key_and_metrics_are_logged(tmp_path):
     assert math.isnan(data.metrics["eval/APl"])
     other, resumed = start_or_resume_run(uri, "exp", "demo", run_key="runs/other")
     assert not resumed and other.run_id != run.run_id
+    fresh, resumed = start_or_resume_run(uri, "exp", "demo", run_key="runs/demo", resume=False)  # state deleted
+    assert not resumed and fresh.run_id not in (run.run_id, other.run_id)
+    latest, resumed = start_or_resume_run(uri, "exp", "demo", run_key="runs/demo")  # the newest tagged run
+    assert resumed and latest.run_id == fresh.run_id
+
+
+def test_training_resumes_its_mlflow_run_only_while_its_train_state_exists(tmp_path):
+    from diffusioninst.config import ExperimentConfig, load_config
+    from diffusioninst.engine.launch import open_tracking
+
+    overrides = [f"tracking.tracking_uri=sqlite:///{tmp_path}/mlflow.db", f"ray.storage_path={tmp_path / 'runs'}"]
+    cfg = load_config(ExperimentConfig, None, ["data.format=synthetic", *overrides])
+    first, _ = open_tracking(cfg)
+    (tmp_path / "runs" / cfg.name).mkdir(parents=True)  # Ray Train state of that run
+    second, _ = open_tracking(cfg)
+    assert second.run_id == first.run_id
+    (tmp_path / "runs" / cfg.name).rmdir()  # the user deleted it: a new training, a new MLflow run
+    third, _ = open_tracking(cfg)
+    assert third.run_id != first.run_id

@@ -24,9 +24,10 @@ def max_over_ranks(values: list[float], device: torch.device) -> list[float]:
 def average_buffers(module: torch.nn.Module) -> None:
     """Replace every floating-point buffer (BatchNorm running statistics) by its mean over ranks, in place.
 
-    Training wraps the model with ``broadcast_buffers=False`` (as detectron2 does), so each rank's BatchNorm
-    statistics follow its own data; this makes all ranks hold the same model before it is evaluated or saved.
-    Integer buffers (``num_batches_tracked``) are equal on every rank and left alone. A collective.
+    Training's DDP does not sync buffers before every forward (as detectron2's ``broadcast_buffers=False``),
+    so each rank's BatchNorm statistics follow its own data; this makes all ranks hold the same model before
+    it is evaluated or saved. Integer buffers (``num_batches_tracked``) are equal on every rank and left
+    alone. A collective.
     """
     if not is_distributed():
         return

@@ -142,6 +142,8 @@ def open_tracking(cfg: ExperimentConfig, parent_run_id: str | None = None) -> tu
         run_key=run_key(cfg),
         tags={"diffusioninst.config_name": cfg.name},
         parent_run_id=parent_run_id,
+        # a training resumes its MLflow run only while its Ray Train state exists (local storage: the folder)
+        resume="://" in cfg.ray.storage_path or (Path(cfg.ray.storage_path).resolve() / cfg.name).exists(),
     )
     run.log_params(flatten(cfg))
     print(f"[mlflow] {'resuming' if resumed else 'logging to'} run {run.run_id} at {uri}", flush=True)

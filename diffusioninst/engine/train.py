@@ -7,7 +7,7 @@ Per iteration: ``grad_accum_steps`` micro-batches of ``ims_per_batch / (world_si
 images, forward (bf16 autocast on GPU), backward (DDP all-reduce), a collective finiteness check of the
 loss (after the backward, where the ranks are already in step: a check before it would make every rank
 wait for the slowest forward), full-model gradient clipping, AdamW step, per-iteration lr schedule. DDP
-does not broadcast buffers every forward (``broadcast_buffers=False``, as detectron2); BatchNorm
+does not sync buffers before every forward (as detectron2's ``broadcast_buffers=False``); BatchNorm
 statistics are averaged over ranks before every evaluation and checkpoint instead. Every ``log_period``
 iterations rank 0 prints a progress line and logs ``train/*`` metrics to MLflow; every
 ``checkpoint_period`` iterations and at the end a checkpoint is reported through the session; evaluation

@@ -12,7 +12,8 @@ The CPU backward is :func:`roi_align_backward_sparse`: the same sample points an
 torchvision's backward kernel, computed once per sample rather than once per sample and channel, and
 scattered by one sparse x dense matrix product (10-15x faster than torchvision's CPU backward kernel at
 the R50 sizes; gradients equal up to float summation order, ~1e-7 relative). On CUDA, or for an adaptive
-sampling ratio (0), torchvision's backward kernel is used.
+sampling ratio (0), torchvision's backward kernel is used. In training the head's stages share a
+:class:`GradientSink`, so each pyramid level gets one sparse product over all stages' taps.
 """
 
 from __future__ import annotations

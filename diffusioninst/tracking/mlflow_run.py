@@ -214,8 +214,12 @@ def start_or_resume_run(
     run_key: str | None = None,
     tags: Mapping[str, str] | None = None,
     parent_run_id: str | None = None,
+    resume: bool = True,
 ) -> tuple[MlflowRun, bool]:
     """Create a run, or reuse the newest run tagged with ``run_key`` (a resumed training).
+
+    ``resume=False`` always creates a run (still tagged with ``run_key``): the training state the tagged run
+    belonged to is gone, so a new training starts.
 
     Returns:
         (run, resumed): ``resumed`` is True when an existing run was reused.
@@ -224,7 +228,7 @@ def start_or_resume_run(
 
     client = MlflowClient(tracking_uri)
     experiment_id = get_or_create_experiment(tracking_uri, experiment_name)
-    if run_key is not None:
+    if run_key is not None and resume:
         found = client.search_runs(
             [experiment_id],
             filter_string=f"tags.`{RUN_KEY_TAG}` = '{run_key}'",
