@@ -161,7 +161,7 @@ def test_run_is_resumed_by_key_and_metrics_are_logged(tmp_path):
 
 def test_training_resumes_its_mlflow_run_only_while_its_train_state_exists(tmp_path):
     from diffusioninst.config import ExperimentConfig, load_config
-    from diffusioninst.engine.launch import open_tracking
+    from diffusioninst.engine.launch import open_tracking, run_key
 
     overrides = [f"tracking.tracking_uri=sqlite:///{tmp_path}/mlflow.db", f"ray.storage_path={tmp_path / 'runs'}"]
     cfg = load_config(ExperimentConfig, None, ["data.format=synthetic", *overrides])
@@ -172,3 +172,10 @@ def test_training_resumes_its_mlflow_run_only_while_its_train_state_exists(tmp_p
     (tmp_path / "runs" / cfg.name).rmdir()  # the user deleted it: a new training, a new MLflow run
     third, _ = open_tracking(cfg)
     assert third.run_id != first.run_id
+    # a run created ahead of its training (as a Tune trial does) is used by that training, state or not
+    other = load_config(ExperimentConfig, None, ["data.format=synthetic", "name=trial", *overrides])
+    ahead, _ = start_or_resume_run(
+        other.tracking.tracking_uri, other.tracking.experiment_name, "t", run_key=run_key(other)
+    )
+    used, _ = open_tracking(other)
+    assert used.run_id == ahead.run_id

@@ -18,6 +18,9 @@ from diffusioninst.engine.train import STATUS_NONFINITE, NonFiniteLossError, Tra
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
+TRAINING_STARTED_TAG = "diffusioninst.training_started"
+
+
 class LaunchError(RuntimeError):
     """A run cannot start: the message says what to fix."""
 
@@ -142,8 +145,10 @@ def open_tracking(cfg: ExperimentConfig, parent_run_id: str | None = None) -> tu
         run_key=run_key(cfg),
         tags={"diffusioninst.config_name": cfg.name},
         parent_run_id=parent_run_id,
-        # a training resumes its MLflow run only while its Ray Train state exists (local storage: the folder)
+        # a training resumes its MLflow run only while its Ray Train state exists (local storage: the folder),
+        # or if the run was created for it and no training has logged into it yet (a Tune trial's run)
         resume="://" in cfg.ray.storage_path or (Path(cfg.ray.storage_path).resolve() / cfg.name).exists(),
+        started_tag=TRAINING_STARTED_TAG,
     )
     run.log_params(flatten(cfg))
     print(f"[mlflow] {'resuming' if resumed else 'logging to'} run {run.run_id} at {uri}", flush=True)

@@ -215,11 +215,13 @@ def start_or_resume_run(
     tags: Mapping[str, str] | None = None,
     parent_run_id: str | None = None,
     resume: bool = True,
+    started_tag: str | None = None,
 ) -> tuple[MlflowRun, bool]:
     """Create a run, or reuse the newest run tagged with ``run_key`` (a resumed training).
 
-    ``resume=False`` always creates a run (still tagged with ``run_key``): the training state the tagged run
-    belonged to is gone, so a new training starts.
+    ``resume=False`` (the training state behind the tagged run is gone, a new training starts) reuses the
+    tagged run only if it lacks ``started_tag`` (created ahead of its training, e.g. by a Tune trial), and
+    otherwise creates a new one, still tagged with ``run_key``. The returned run gets ``started_tag``.
 
     Returns:
         (run, resumed): ``resumed`` is True when an existing run was reused.
@@ -228,21 +230,26 @@ def start_or_resume_run(
 
     client = MlflowClient(tracking_uri)
     experiment_id = get_or_create_experiment(tracking_uri, experiment_name)
-    if run_key is not None and resume:
+    found = []
+    if run_key is not None:
         found = client.search_runs(
             [experiment_id],
             filter_string=f"tags.`{RUN_KEY_TAG}` = '{run_key}'",
             order_by=["attributes.start_time DESC"],
             max_results=1,
         )
-        if found:
-            run_id = found[0].info.run_id
-            client.update_run(run_id, status="RUNNING")
-            return MlflowRun(tracking_uri, run_id), True
+    if found and (resume or (started_tag is not None and started_tag not in found[0].data.tags)):
+        run_id = found[0].info.run_id
+        client.update_run(run_id, status="RUNNING")
+        if started_tag is not None:
+            client.set_tag(run_id, started_tag, "true")
+        return MlflowRun(tracking_uri, run_id), True
     all_tags = dict(tags or {})
     if run_key is not None:
         all_tags[RUN_KEY_TAG] = run_key
     if parent_run_id is not None:
         all_tags["mlflow.parentRunId"] = parent_run_id
+    if started_tag is not None:
+        all_tags[started_tag] = "true"
     run = client.create_run(experiment_id, run_name=run_name, tags=all_tags)
     return MlflowRun(tracking_uri, run.info.run_id), False
