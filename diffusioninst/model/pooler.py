@@ -236,11 +236,12 @@ class _PoolLevels(torch.autograd.Function):
                 if idx.numel() == 0:
                     grads[level] = None if sink is not None else grad.new_zeros(shape)
                     continue
-                taps = _sparse_taps(rois[idx].to(grad.dtype), spec["scales"][level], ratio, size, shape)
+                boxes = rois[idx].to(grad.dtype)
                 if sink is not None:
+                    taps = _sparse_taps(boxes, spec["scales"][level], ratio, size, shape)
                     sink.add(level, *taps, _pooled_rows(grad[idx]))
                 else:
-                    grads[level] = _scatter(*taps, _pooled_rows(grad[idx]), shape)
+                    grads[level] = roi_align_backward_sparse(grad[idx], boxes, spec["scales"][level], ratio, shape)
             return (None, None, *grads)
 
         def back(level: int, part: Tensor) -> tuple[int, Tensor]:
