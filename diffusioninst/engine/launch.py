@@ -67,10 +67,13 @@ def check_resume_compatible(cfg: ExperimentConfig) -> None:
     """
     import yaml
 
+    from diffusioninst.engine.session import LocalSession
+
     if "://" in cfg.ray.storage_path:
         return
-    run_dir = Path(cfg.ray.storage_path).resolve() / cfg.name
-    found = sorted(run_dir.glob("checkpoint_*/config.yaml")) if run_dir.is_dir() else []
+    layout = LocalSession(cfg.ray.storage_path, cfg.name)  # Ray Train's checkpoints use the same folder names
+    run_dir = layout.run_dir
+    found = [p / "config.yaml" for p in layout.checkpoints() if (p / "config.yaml").is_file()]
     if not found:
         return
     latest = found[-1]
@@ -127,6 +130,7 @@ def check_cpu_budget(cfg: ExperimentConfig) -> None:
 
 def open_tracking(cfg: ExperimentConfig, parent_run_id: str | None = None) -> tuple[Any, TrackingInfo]:
     """Check the tracking store and create (or resume) the run; log the flattened config as params."""
+    from diffusioninst.engine.session import LocalSession
     from diffusioninst.tracking import (
         NullRun,
         check_tracking_uri,
@@ -147,7 +151,7 @@ def open_tracking(cfg: ExperimentConfig, parent_run_id: str | None = None) -> tu
         parent_run_id=parent_run_id,
         # a training resumes its MLflow run only while its Ray Train state exists (local storage: the folder),
         # or if the run was created for it and no training has logged into it yet (a Tune trial's run)
-        resume="://" in cfg.ray.storage_path or (Path(cfg.ray.storage_path).resolve() / cfg.name).exists(),
+        resume="://" in cfg.ray.storage_path or LocalSession(cfg.ray.storage_path, cfg.name).run_dir.exists(),
         started_tag=TRAINING_STARTED_TAG,
     )
     run.log_params(flatten(cfg))
