@@ -17,6 +17,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import statistics
 import sys
 import time
@@ -30,6 +31,7 @@ sys.path.insert(0, str(ROOT))
 
 from diffusioninst.config import ExperimentConfig, load_config
 from diffusioninst.config.schema import ModelConfig, SamplerConfig
+from diffusioninst.engine.host import keep_freed_memory
 from diffusioninst.model import Encoded, GeneratorNoise, build_model, postprocess
 
 OFFICIAL = {"r50": {"infer_1step_s": 10.6, "infer_4step_s": 35.4, "train_iter_s": 20.2}}
@@ -52,12 +54,16 @@ class Timer:
             def __enter__(self):
                 _sync(timer.device)
                 self.t, self.c = time.perf_counter(), time.process_time()
+                self.ru = resource.getrusage(resource.RUSAGE_SELF)
 
             def __exit__(self, *exc):
                 _sync(timer.device)
                 timer.times[name] = timer.times.get(name, 0.0) + time.perf_counter() - self.t
                 if name == "total":  # CPU seconds of this process (all threads): robust to other load
                     timer.times["cpu_total"] = time.process_time() - self.c
+                    ru = resource.getrusage(resource.RUSAGE_SELF)  # kernel time: mostly page faults
+                    timer.times["kernel_cpu_total"] = ru.ru_stime - self.ru.ru_stime
+                    timer.times["minor_page_faults"] = ru.ru_minflt - self.ru.ru_minflt
 
         return _Ctx()
 
@@ -203,7 +209,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--channels-last", action="store_true", help="model.channels_last (encoder in NHWC)")
     p.add_argument("--modes", nargs="+", default=["infer1", "infer4", "train"], help="infer1 infer4 train")
     p.add_argument("--merge", action="store_true", help="update entries of an existing JSON, do not replace it")
+    p.add_argument(
+        "--no-keep-freed-memory",
+        action="store_true",
+        help="leave glibc's malloc thresholds alone (host.keep_freed_memory false)",
+    )
     args = p.parse_args(argv)
+    kept = keep_freed_memory(not args.no_keep_freed_memory)  # before the first large tensor
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     out = Path(args.out) if args.out else ROOT / "benchmarks" / "results" / f"model_speed_{device.type}.json"
@@ -214,6 +226,7 @@ def main(argv: list[str] | None = None) -> int:
         "machine": platform.processor() or platform.machine(),
         "runs": args.runs,
         "channels_last": args.channels_last,
+        "keep_freed_memory": kept,
         "load_average_at_start": list(os.getloadavg()),
         "configs": {},
     }
@@ -255,6 +268,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps({name: entry}, indent=1), flush=True)
     out.parent.mkdir(parents=True, exist_ok=True)
     result["load_average_at_end"] = list(os.getloadavg())
+    result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: ru_maxrss in KiB
     out.write_text(json.dumps(result, indent=1) + "\n")
     print(f"wrote {out}")
     return 0

@@ -41,10 +41,12 @@ def main(argv: list[str] | None = None) -> int:
     from diffusioninst.data import DatasetError, ensure_dataset
     from diffusioninst.engine.checkpoint import CheckpointError
     from diffusioninst.engine.evaluate import evaluate_model
+    from diffusioninst.engine.host import keep_freed_memory
     from diffusioninst.engine.launch import open_eval_tracking
     from diffusioninst.engine.predictor import load_model
     from diffusioninst.tracking import TrackingError
 
+    keep_freed_memory(cfg.host.keep_freed_memory)
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
     out_dir = Path(args.output or Path(cfg.output_dir) / "eval").resolve()
     steps = args.steps or cfg.eval.steps

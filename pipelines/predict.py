@@ -52,10 +52,12 @@ def main(argv: list[str] | None = None) -> int:
 
     from diffusioninst.data.image_io import ImageDecodeError, read_image
     from diffusioninst.engine.checkpoint import CheckpointError
+    from diffusioninst.engine.host import keep_freed_memory
     from diffusioninst.engine.predictor import Predictor, load_model
     from diffusioninst.engine.visualize import draw_overlay
     from diffusioninst.evaluation import instances_to_coco_results
 
+    keep_freed_memory(cfg.host.keep_freed_memory)
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
     try:
         files = list_images(Path(args.input))

@@ -45,6 +45,7 @@ from diffusioninst.engine.checkpoint import (
     set_rng_state,
     write_checkpoint,
 )
+from diffusioninst.engine.host import keep_freed_memory
 from diffusioninst.engine.progress import Progress
 from diffusioninst.engine.session import LocalSession, RaySession, Session
 from diffusioninst.engine.solver import TrainClock, build_lr_scheduler, build_optimizer, clip_gradients
@@ -128,6 +129,7 @@ def run_training(cfg: ExperimentConfig, session: Session, tracking: TrackingInfo
     from diffusioninst.model import GeneratorNoise, build_model
 
     device = session.device
+    keep_freed_memory(cfg.host.keep_freed_memory)
     if device.type == "cpu" and isinstance(session, RaySession):
         torch.set_num_threads(max(1, int(cfg.ray.cpus_per_worker)))
     torch.manual_seed(cfg.solver.seed + session.rank)

@@ -44,8 +44,10 @@ def predict_shard(
 
     from diffusioninst.data import build_eval_dataset
     from diffusioninst.engine.evaluate import predict_split
+    from diffusioninst.engine.host import keep_freed_memory
     from diffusioninst.engine.predictor import load_model
 
+    keep_freed_memory(cfg.host.keep_freed_memory)
     if threads:
         torch.set_num_threads(threads)
     device = _device(cfg)
