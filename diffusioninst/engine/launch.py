@@ -191,7 +191,7 @@ def init_ray(cfg: ExperimentConfig, resources: dict[str, float] | None = None) -
     ray.init(
         num_cpus=cfg.ray.local_num_cpus or os.cpu_count(),
         resources=dict(resources or {}),
-        include_dashboard=True,
+        include_dashboard=cfg.ray.local_dashboard,
         dashboard_host="127.0.0.1",
         runtime_env={"env_vars": env},
         log_to_driver=True,
