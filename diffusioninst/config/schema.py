@@ -447,11 +447,6 @@ class RayConfig:
     max_failures: int = option(1, min=-1, help="worker-group restarts after a failure (-1 = unlimited)")
     num_to_keep: int = option(2, min=1, help="checkpoints kept")
     local_num_cpus: int | None = option(None, min=1, help="CPUs of a local Ray started by the pipeline")
-    local_dashboard: bool = option(
-        True,
-        help="start the dashboard (on 127.0.0.1) with a local Ray started by the pipeline; on the 2-core box it "
-        "costs ~3 s of start-up and ~3% of a core while training",
-    )
 
 
 @dataclass
