@@ -138,6 +138,17 @@ def test_parquet_split_feeds_local_and_ray_loaders(ray_cluster, tmp_path):
         for t, (h, w) in zip(b.targets, b.image_sizes.tolist()):
             assert t["masks"].shape[1:] == (h, w)
     assert sorted(seen) == list(range(1, 25))
+    # read through the V1 Parquet datasource (V2 starts and kills footer-reader actors on every epoch's
+    # execution), leaving Ray Data's global default alone
+    ops, todo = [], [ds._logical_plan.dag]
+    while todo:
+        op = todo.pop()
+        ops.append(op.name)
+        todo.extend(op.input_dependencies)
+    assert "ReadParquet" in ops and not any("ListFiles" in n or "V2" in n for n in ops), ops
+    import ray
+
+    assert getattr(ray.data.DataContext.get_current(), "use_datasource_v2", True) is True
     # same per-sample augmentation rule as the local loader: image 5 at epoch 0 is identical on both paths
     from diffusioninst.data.dataset import TrainDataset
     from diffusioninst.data.sampling import augmentation_seed
