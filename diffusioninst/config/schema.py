@@ -465,7 +465,7 @@ class HostConfig:
     keep_freed_memory: bool = option(
         True,
         help="glibc: freed memory stays in the heap for reuse instead of going back to the OS (no page faults on "
-        "every large tensor: R50 training iteration ~5% faster; peak RSS +3.5%); see engine/host.py",
+        "every large tensor: R50 training iteration ~5% faster; peak RSS +3-6%); see engine/host.py",
     )
 
 

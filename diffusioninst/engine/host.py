@@ -12,7 +12,8 @@ Measured on the 2-core reference box, one R50 training iteration at 800x1216 (6 
 0.1 s after; median iteration 17.7 -> 16.8 s on that (slow) stretch of the host. The price is memory: the
 heap keeps its high-water mark, and glibc (2.36) cannot place a 64-byte-aligned block (PyTorch's
 alignment) in the exact hole its predecessor left, so the heap settles a little above the working set
-once neighbouring holes have coalesced: peak RSS 5.23 -> 5.42 GB (+3.5%) over those 6 iterations.
+once neighbouring holes have coalesced: peak RSS 5.23 -> 5.42 GB (+3.5%) over those 6 iterations, +3-6% in
+the benchmark runs (benchmarks/results/model_speed_cpu_keep_freed_memory_ab.json).
 ``host.keep_freed_memory: false`` turns it off.
 """
 
