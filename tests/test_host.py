@@ -9,8 +9,14 @@ import sys
 
 import pytest
 
+
+def _glibc_version() -> tuple[int, ...]:
+    name, version = platform.libc_ver()
+    return tuple(int(x) for x in version.split(".")) if name == "glibc" and version else ()
+
+
 glibc_only = pytest.mark.skipif(
-    platform.system() != "Linux" or platform.libc_ver()[0] != "glibc", reason="mallopt is glibc's"
+    platform.system() != "Linux" or _glibc_version() < (2, 33), reason="mallopt and mallinfo2 (glibc >= 2.33)"
 )
 
 # In a fresh process (the setting is process-wide): allocate and free a 64 MiB tensor 16 times, reading

@@ -131,6 +131,9 @@ def test_parquet_split_feeds_local_and_ray_loaders(ray_cluster, tmp_path):
     batch = next(iter(build_train_loader(pcfg, 0, 1, seed=1)))
     assert len(batch) == 4 and batch.targets is not None
     collate = RayTrainCollate(pcfg.data.augmentation, 32, seed=1)
+    import ray
+
+    v2_default = getattr(ray.data.DataContext.get_current(), "use_datasource_v2", None)
     ds = build_ray_dataset(pcfg, "train")
     seen = []
     for b in ds.iter_torch_batches(batch_size=4, collate_fn=collate):
@@ -146,9 +149,7 @@ def test_parquet_split_feeds_local_and_ray_loaders(ray_cluster, tmp_path):
         ops.append(op.name)
         todo.extend(op.input_dependencies)
     assert "ReadParquet" in ops and not any("ListFiles" in n or "V2" in n for n in ops), ops
-    import ray
-
-    assert getattr(ray.data.DataContext.get_current(), "use_datasource_v2", True) is True
+    assert getattr(ray.data.DataContext.get_current(), "use_datasource_v2", None) == v2_default
     # same per-sample augmentation rule as the local loader: image 5 at epoch 0 is identical on both paths
     from diffusioninst.data.dataset import TrainDataset
     from diffusioninst.data.sampling import augmentation_seed
