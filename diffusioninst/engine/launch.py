@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from diffusioninst.config import ExperimentConfig, flatten, save_config, to_dict
+from diffusioninst.engine.session import LocalSession
 from diffusioninst.engine.train import STATUS_NONFINITE, NonFiniteLossError, TrackingInfo
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -47,6 +48,12 @@ def run_key(cfg: ExperimentConfig) -> str:
     return f"{storage_uri(cfg.ray.storage_path)}/{cfg.name}"
 
 
+def local_run_layout(cfg: ExperimentConfig) -> LocalSession | None:
+    """The folder layout of this run under a local ``ray.storage_path`` (``LocalSession`` uses Ray Train's
+    checkpoint folder names); None for remote storage (``s3://`` ...), which is not inspected."""
+    return None if "://" in cfg.ray.storage_path else LocalSession(cfg.ray.storage_path, cfg.name)
+
+
 def prepare(cfg: ExperimentConfig) -> ExperimentConfig:
     """Fail fast on unusable inputs and generate/resolve the dataset; returns the config with data paths."""
     from diffusioninst.data import ensure_dataset
@@ -67,11 +74,9 @@ def check_resume_compatible(cfg: ExperimentConfig) -> None:
     """
     import yaml
 
-    from diffusioninst.engine.session import LocalSession
-
-    if "://" in cfg.ray.storage_path:
+    layout = local_run_layout(cfg)
+    if layout is None:
         return
-    layout = LocalSession(cfg.ray.storage_path, cfg.name)  # Ray Train's checkpoints use the same folder names
     run_dir = layout.run_dir
     found = [p / "config.yaml" for p in layout.checkpoints() if (p / "config.yaml").is_file()]
     if not found:
@@ -130,7 +135,6 @@ def check_cpu_budget(cfg: ExperimentConfig) -> None:
 
 def open_tracking(cfg: ExperimentConfig, parent_run_id: str | None = None) -> tuple[Any, TrackingInfo]:
     """Check the tracking store and create (or resume) the run; log the flattened config as params."""
-    from diffusioninst.engine.session import LocalSession
     from diffusioninst.tracking import (
         NullRun,
         check_tracking_uri,
@@ -142,6 +146,7 @@ def open_tracking(cfg: ExperimentConfig, parent_run_id: str | None = None) -> tu
         return NullRun(), TrackingInfo()
     uri = resolve_tracking_uri(cfg.tracking.tracking_uri, REPO_ROOT)
     check_tracking_uri(uri)
+    layout = local_run_layout(cfg)
     run, resumed = start_or_resume_run(
         uri,
         cfg.tracking.experiment_name,
@@ -151,7 +156,7 @@ def open_tracking(cfg: ExperimentConfig, parent_run_id: str | None = None) -> tu
         parent_run_id=parent_run_id,
         # a training resumes its MLflow run only while its Ray Train state exists (local storage: the folder),
         # or if the run was created for it and no training has logged into it yet (a Tune trial's run)
-        resume="://" in cfg.ray.storage_path or LocalSession(cfg.ray.storage_path, cfg.name).run_dir.exists(),
+        resume=layout is None or layout.run_dir.exists(),
         started_tag=TRAINING_STARTED_TAG,
     )
     run.log_params(flatten(cfg))
@@ -288,8 +293,6 @@ def train(cfg: ExperimentConfig, parent_run_id: str | None = None, callbacks: li
     try:
         if cfg.ray.num_workers == 0:
             metrics = run_local(cfg, tracking)
-            from diffusioninst.engine.session import LocalSession
-
             latest = LocalSession(cfg.ray.storage_path, cfg.name).checkpoints()
             ckpt = str(latest[-1]) if latest else None
             outcome = collect(cfg, metrics, ckpt, tracking, checkpoint_path=ckpt)
