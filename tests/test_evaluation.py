@@ -287,3 +287,45 @@ def test_eval_config_defaults_and_builder(coco_data):
     assert EvalConfig(coco_max_dets=[100, 10, 1]).check() == [
         ("eval.coco_max_dets", "must be three increasing values, got [100, 10, 1]")
     ]
+
+
+def _two_image_gt() -> COCO:
+    gt = COCO()
+    gt.dataset = {
+        "images": [{"id": 1, "height": 100, "width": 100}, {"id": 2, "height": 100, "width": 100}],
+        "categories": [{"id": 1, "name": "a"}, {"id": 2, "name": "b"}],
+        "annotations": [
+            {"id": 1, "image_id": 1, "category_id": 1, "bbox": [10, 10, 30, 30], "area": 900, "iscrowd": 0},
+            {"id": 2, "image_id": 1, "category_id": 2, "bbox": [60, 60, 30, 30], "area": 900, "iscrowd": 0},
+            {"id": 3, "image_id": 2, "category_id": 1, "bbox": [20, 50, 40, 20], "area": 800, "iscrowd": 0},
+        ],
+    }
+    with contextlib.redirect_stdout(io.StringIO()):
+        gt.createIndex()
+    return gt
+
+
+def test_class_error_breakdown_closed_form():
+    """Exact GT boxes with every class swapped: standard AP 0, class-agnostic and oracle-class AP 100; one extra
+    top-scoring detection overlapping nothing keeps its class (a false positive of class 1 ranked first:
+    class 1 precision 2/3 at every recall -> 66.7, class 2 100, mean 83.3)."""
+    from diffusioninst.evaluation.diagnostics import class_error_breakdown, relabel_by_overlap
+
+    gt = _two_image_gt()
+    swapped = [
+        {"image_id": 1, "category_id": 2, "bbox": [10, 10, 30, 30], "score": 0.9},
+        {"image_id": 1, "category_id": 1, "bbox": [60, 60, 30, 30], "score": 0.8},
+        {"image_id": 2, "category_id": 2, "bbox": [20, 50, 40, 20], "score": 0.7},
+    ]
+    out = class_error_breakdown(gt, swapped, tasks=("bbox",))["bbox"]
+    assert out["standard"]["AP"] == pytest.approx(0.0)
+    assert out["class_agnostic"]["AP"] == pytest.approx(100.0)
+    assert out["oracle_class"]["AP"] == pytest.approx(100.0)
+
+    stray = {"image_id": 2, "category_id": 1, "bbox": [0, 0, 5, 5], "score": 0.95}
+    relabelled = relabel_by_overlap(gt, [*swapped, stray])
+    assert [d["category_id"] for d in relabelled] == [1, 2, 1, 1]
+    assert swapped[0]["category_id"] == 2  # inputs are not modified
+    out = class_error_breakdown(gt, [*swapped, stray], tasks=("bbox",))["bbox"]
+    assert out["oracle_class"]["AP"] == pytest.approx(100 * (2 / 3 + 1) / 2, abs=0.01)
+    assert out["standard"]["AP"] == pytest.approx(0.0)
