@@ -296,6 +296,22 @@ class TestMatcher:
         sel, gt_idx, _, _ = DynamicKMatcher(LossConfig(stale_rematch_rows=False)).assign(cost, ious)
         assert sel.tolist() == [False, True, True, True] and gt_idx.tolist() == [2, 0, 1]
 
+    def test_matcher_class_weight_scales_only_the_class_cost(self):
+        gt = torch.tensor([[10.0, 10.0, 30.0, 30.0]])
+        pred = torch.tensor([[12.0, 11.0, 31.0, 29.0], [14.0, 12.0, 28.0, 33.0]])
+        logits = torch.tensor([[0.0, 1.5], [-1.0, -3.0]])  # GT class 1: p = sigmoid(1.5), sigmoid(-3)
+        whwh = torch.tensor([100.0, 100.0, 100.0, 100.0])
+        args = (logits, pred, gt, torch.tensor([1]), whwh)
+        base = DynamicKMatcher(LossConfig(class_weight=5.0)).cost_matrix(*args)[0]
+        other = DynamicKMatcher(LossConfig(class_weight=5.0, matcher_class_weight=2.0)).cost_matrix(*args)[0]
+
+        def focal_cost(x, a=0.25, g=2.0):  # closed form of the focal class cost at logit x
+            p = 1 / (1 + math.exp(-x))
+            return a * (1 - p) ** g * -math.log(p + 1e-8) - (1 - a) * p**g * -math.log(1 - p + 1e-8)
+
+        expected = torch.tensor([[(2.0 - 5.0) * focal_cost(1.5)], [(2.0 - 5.0) * focal_cost(-3.0)]])
+        torch.testing.assert_close(other - base, expected, rtol=1e-4, atol=1e-5)
+
     def test_no_gt_gives_empty_match(self):
         m = DynamicKMatcher(LossConfig())
         match = m(

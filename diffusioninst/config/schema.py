@@ -127,6 +127,9 @@ class DiffusionConfig:
 @dataclass
 class LossConfig:
     class_weight: float = option(2.0, min=0.0, help="focal classification loss and matcher cost weight")
+    matcher_class_weight: float | None = option(
+        None, min=0.0, help="matcher class-cost weight when it should differ from the loss's (None = class_weight)"
+    )
     l1_weight: float = option(5.0, min=0.0, help="L1 box loss and matcher cost weight")
     giou_weight: float = option(2.0, min=0.0, help="GIoU loss and matcher cost weight")
     mask_weight: float = option(

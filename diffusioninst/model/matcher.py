@@ -5,7 +5,8 @@ For N predictions and G ground-truth boxes of one image:
 * candidates: ``in_boxes[n, g]`` = prediction centre strictly inside GT g; ``in_centers[n, g]`` = centre
   within ``gt_centre +- radius * (gt_w, gt_h)``; ``fg[n] = any_g in_boxes | any_g in_centers``;
 * cost ``= l1_w * L1(pred/whwh, gt/whwh) + cls_w * focal_cost + giou_w * (-GIoU) + outside_center_cost *
-  ~(in_boxes & in_centers)``, plus ``not_candidate_cost`` on rows with ``~fg``;
+  ~(in_boxes & in_centers)``, plus ``not_candidate_cost`` on rows with ``~fg``; ``cls_w`` is the loss's
+  ``class_weight`` unless ``matcher_class_weight`` is set (the official code has one weight for both);
 * GT g takes its ``k_g = max(1, int(sum of its top-ota_k IoUs))`` cheapest predictions (truncation, not
   rounding); a prediction claimed by several GTs keeps its cheapest GT (over ALL GTs); while a GT has no
   prediction, matched predictions get ``rematch_cost`` added and every unmatched GT takes its cheapest
@@ -83,7 +84,8 @@ class DynamicKMatcher:
         cost_class = pos - neg
         cost_bbox = torch.cdist(pred_xyxy / whwh, gt_xyxy / whwh, p=1)
         cost_giou = -generalized_box_iou(pred_xyxy, gt_xyxy)
-        cost = c.l1_weight * cost_bbox + c.class_weight * cost_class + c.giou_weight * cost_giou
+        w_class = c.class_weight if c.matcher_class_weight is None else c.matcher_class_weight
+        cost = c.l1_weight * cost_bbox + w_class * cost_class + c.giou_weight * cost_giou
         cost = cost + c.outside_center_cost * (~in_box_center)
         cost[~fg] = cost[~fg] + c.not_candidate_cost
         return cost, ious, fg, in_box_center
