@@ -329,3 +329,21 @@ def test_class_error_breakdown_closed_form():
     out = class_error_breakdown(gt, [*swapped, stray], tasks=("bbox",))["bbox"]
     assert out["oracle_class"]["AP"] == pytest.approx(100 * (2 / 3 + 1) / 2, abs=0.01)
     assert out["standard"]["AP"] == pytest.approx(0.0)
+
+
+@pytest.mark.parametrize("backend", ["pycocotools", "faster_coco_eval"])
+def test_evaluate_coco_class_agnostic(backend):
+    """``use_cats=False`` on exact boxes with swapped classes: AP 100 (0 class-aware), no per-category AP."""
+    from diffusioninst.evaluation.backends import evaluate_coco
+
+    gt = _two_image_gt()
+    swapped = [
+        {"image_id": 1, "category_id": 2, "bbox": [10, 10, 30, 30], "score": 0.9},
+        {"image_id": 1, "category_id": 1, "bbox": [60, 60, 30, 30], "score": 0.8},
+        {"image_id": 2, "category_id": 2, "bbox": [20, 50, 40, 20], "score": 0.7},
+    ]
+    args = (gt, [dict(r) for r in swapped], "bbox", [1, 2], [1, 10, 100], backend)
+    agnostic = evaluate_coco(*args, use_cats=False)
+    assert agnostic.stats["AP"] == pytest.approx(100.0) and agnostic.category_ap == {}
+    aware = evaluate_coco(*args)
+    assert aware.stats["AP"] == pytest.approx(0.0) and set(aware.category_ap) == {1, 2}

@@ -52,9 +52,19 @@ def _category_ap(precision: np.ndarray, cat_ids: Sequence[int]) -> dict[int, flo
 
 
 def evaluate_coco(
-    gt: Any, results: list[dict], task: str, image_ids: list[int], max_dets: Sequence[int], backend: str
+    gt: Any,
+    results: list[dict],
+    task: str,
+    image_ids: list[int],
+    max_dets: Sequence[int],
+    backend: str,
+    use_cats: bool = True,
 ) -> TaskOutput:
-    """COCO AP for ``task`` over ``image_ids`` (``params.imgIds``) with ``params.maxDets = max_dets`` (3 values)."""
+    """COCO AP for ``task`` over ``image_ids`` (``params.imgIds``) with ``params.maxDets = max_dets`` (3 values).
+
+    ``use_cats=False`` sets ``params.useCats = 0`` (a detection may match a GT of any class: class-agnostic AP);
+    ``category_ap`` is then empty, since the evaluator pools every class into one.
+    """
     names = (*COCO_AP_COLUMNS, *ar_columns("coco", max_dets))
     if backend == "pycocotools":
         from pycocotools.cocoeval import COCOeval
@@ -64,6 +74,7 @@ def evaluate_coco(
             ev = COCOeval(gt, dt, task)
             ev.params.imgIds = list(image_ids)
             ev.params.maxDets = list(max_dets)
+            ev.params.useCats = int(use_cats)
             ev.evaluate()
             ev.accumulate()
         summary = io.StringIO()
@@ -78,6 +89,7 @@ def evaluate_coco(
         ev = COCOeval_faster(gt, dt, task, print_function=lines.append)
         ev.params.imgIds = list(image_ids)
         ev.params.maxDets = list(max_dets)
+        ev.params.useCats = int(use_cats)
         ev.evaluate()
         ev.accumulate()
         lines.clear()
@@ -86,7 +98,8 @@ def evaluate_coco(
     else:
         raise ValueError(f"unknown backend {backend!r}")
     stats = {name: _scaled(v) for name, v in zip(names, ev.stats[: len(names)])}
-    return TaskOutput(stats, _category_ap(ev.eval["precision"], ev.params.catIds), text)
+    category_ap = _category_ap(ev.eval["precision"], ev.params.catIds) if use_cats else {}
+    return TaskOutput(stats, category_ap, text)
 
 
 def _empty_pycocotools_results(gt: Any) -> Any:

@@ -15,15 +15,15 @@ COCO ground truth only (LVIS's federated annotation makes class-agnostic matchin
 
 from __future__ import annotations
 
-import contextlib
-import copy
-import io
+import math
 from collections import defaultdict
 from typing import Any
 
 import numpy as np
 import pycocotools.mask as mask_util
-from pycocotools.cocoeval import COCOeval
+
+from diffusioninst.evaluation.backends import evaluate_coco
+from diffusioninst.evaluation.eval_result import COCO_MAX_DETS
 
 __all__ = ["class_error_breakdown", "relabel_by_overlap"]
 
@@ -58,17 +58,12 @@ def relabel_by_overlap(gt: Any, results: list[dict]) -> list[dict]:
 
 
 def _ap(gt: Any, results: list[dict], task: str, use_cats: bool, image_ids: list[int]) -> dict[str, float]:
+    """AP / AP50 / AP75 (0-100) through the evaluator's own pycocotools path; 0 when there are no detections."""
     if not results:
         return dict.fromkeys(_COLUMNS, 0.0)
-    dt = gt.loadRes(copy.deepcopy(results))
-    evaluator = COCOeval(gt, dt, task)
-    evaluator.params.useCats = int(use_cats)
-    evaluator.params.imgIds = image_ids
-    with contextlib.redirect_stdout(io.StringIO()):
-        evaluator.evaluate()
-        evaluator.accumulate()
-        evaluator.summarize()
-    return {c: 100.0 * max(float(v), 0.0) for c, v in zip(_COLUMNS, evaluator.stats[:3])}
+    # shallow copies: loadRes writes "id" / "area" into each result dict
+    out = evaluate_coco(gt, [dict(r) for r in results], task, image_ids, COCO_MAX_DETS, "pycocotools", use_cats)
+    return {c: 0.0 if math.isnan(out.stats[c]) else out.stats[c] for c in _COLUMNS}
 
 
 def class_error_breakdown(
