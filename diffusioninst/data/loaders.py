@@ -12,6 +12,8 @@ from __future__ import annotations
 import copy
 import functools
 import json
+import os
+import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -164,9 +166,16 @@ def write_subset_gt(gt: dict, image_ids: list[int], path: Path) -> Path:
     subset["images"] = [img for img in gt["images"] if img["id"] in keep]
     subset["annotations"] = [a for a in gt["annotations"] if a["image_id"] in keep]
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(subset))
-    tmp.replace(path)
+    # every rank may write the same file at once: each through its own temporary file, renamed atomically
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    try:
+        os.fchmod(fd, 0o644)  # mkstemp creates 0600; the GT file is as readable as any other output
+        with os.fdopen(fd, "w") as f:
+            f.write(json.dumps(subset))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
     return path
 
 

@@ -88,3 +88,33 @@ def test_eval_dataset_and_ensure_dataset(root):
     gt = json.loads(Path(small.gt_json).read_text())
     assert small.kind == "lvis" and len(small.dataset) == 3 and len(gt["images"]) == 3
     assert {a["image_id"] for a in gt["annotations"]} <= set(small.image_ids) and "neg_category_ids" in gt["images"][0]
+
+
+def test_write_subset_gt_survives_concurrent_writers(tmp_path):
+    """Every rank writes the same subset GT file at once (training's final evaluation): no writer may lose
+    its temporary file to another's rename, and the result is complete JSON."""
+    import json
+    import threading
+
+    from diffusioninst.data.loaders import write_subset_gt
+
+    gt = {"images": [{"id": i} for i in range(200)], "annotations": [{"id": i, "image_id": i} for i in range(200)],
+          "categories": [{"id": 1}]}  # fmt: skip
+    path = tmp_path / "gt" / "val_coco.json"
+    errors: list[BaseException] = []
+
+    def writer():
+        try:
+            for _ in range(30):
+                write_subset_gt(gt, list(range(0, 200, 2)), path)
+        except BaseException as e:  # collected and asserted below
+            errors.append(e)
+
+    threads = [threading.Thread(target=writer) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors[0]
+    assert len(json.loads(path.read_text())["images"]) == 100
+    assert [p.name for p in path.parent.iterdir()] == ["val_coco.json"]  # no temporary file left behind
