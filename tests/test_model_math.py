@@ -21,6 +21,7 @@ from diffusioninst.model.box_ops import (
 )
 from diffusioninst.model.criterion import dice_loss, federated_classes
 from diffusioninst.model.diffusion import DiffusionSchedule, ddim_coefficients, ddim_time_pairs
+from diffusioninst.model.head_stage import _SplitLinear
 from diffusioninst.model.mask_branch import aligned_bilinear
 from diffusioninst.model.matcher import DynamicKMatcher
 from diffusioninst.model.noise import GeneratorNoise, ReplayNoise
@@ -223,7 +224,8 @@ def test_multilevel_roi_align_gradient_matches_torchvision():
 def test_gradient_sink_sums_the_stages_like_autograd():
     """Three poolings of one pyramid through a GradientSink (one sparse product per level at the end) against
     the same poolings without it (one dense gradient per pooling, summed by autograd); a level no box reaches
-    still gets its zero gradient, and a level also used outside the pooler keeps that gradient too."""
+    still gets its zero gradient, and a level also used outside the pooler keeps that gradient too, in that
+    gradient's own (contiguous NCHW) layout rather than the sparse product's channels-last one."""
     g = torch.Generator().manual_seed(1)
     pooler = MultiLevelRoIAlign([4, 8, 16, 32])
     feats = [
@@ -235,12 +237,16 @@ def test_gradient_sink_sums_the_stages_like_autograd():
         stage_boxes.append(torch.cat([xy, xy + torch.rand(2, 20, 2, generator=g, dtype=torch.float64) * 112 + 8], -1))
     weights = [torch.randn(40, 3, 7, 7, generator=g, dtype=torch.float64) for _ in range(3)]
 
+    layouts = []
+
     def loss(use_sink: bool) -> list[torch.Tensor]:
         for f in feats:
             f.grad = None
         sink = pooler.gradient_sink(feats) if use_sink else None
         assert (sink is not None) == use_sink
-        levels = sink.wrap(feats) if sink is not None else feats
+        base = [f * 1.0 for f in feats]  # non-leaf: the hook sees the gradient as the sink hands it back
+        base[0].register_hook(lambda grad: layouts.append(grad.is_contiguous()))
+        levels = sink.wrap(base) if sink is not None else base
         total = (levels[0] ** 2).sum()  # p2 is also used outside the pooler
         for boxes, w in zip(stage_boxes, weights):
             total = total + (pooler(levels, boxes, sink=sink) * w).sum()
@@ -251,8 +257,27 @@ def test_gradient_sink_sums_the_stages_like_autograd():
     for a, b in zip(plain, shared):
         assert torch.allclose(a, b, rtol=0, atol=1e-12)
     assert shared[3].abs().max() == 0 and shared[0].abs().max() > 0
+    assert layouts[1]  # with the sink (the plain path hands back the sparse product's channels-last layout)
     with torch.no_grad():
         assert pooler.gradient_sink(feats) is None  # nothing to back-propagate: plain pooling
+
+
+def test_split_linear_gradients_match_finite_differences():
+    """DynamicConv's parameter Linear + split (custom backward without the concatenation): forward equal to
+    F.linear + split, gradients of x, weight and bias checked by finite differences, and an unused part
+    (None gradient) contributes nothing."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(7, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(3 * 4, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(3 * 4, generator=g, dtype=torch.float64, requires_grad=True)
+    parts = _SplitLinear.apply(x, weight, bias, 4)
+    for got, want in zip(parts, F.linear(x, weight, bias).split(4, dim=1)):
+        assert torch.equal(got, want)
+    assert torch.autograd.gradcheck(lambda a, w, b: _SplitLinear.apply(a, w, b, 4), (x, weight, bias))
+    first, _, third = _SplitLinear.apply(x, weight, bias, 4)
+    (first.sum() + (third**2).sum()).backward()
+    assert weight.grad[4:8].abs().max() == 0 and bias.grad[4:8].abs().max() == 0
+    assert torch.allclose(bias.grad[:4], torch.full((4,), 7.0, dtype=torch.float64))
 
 
 def test_federated_classes_keeps_present_and_samples_by_weight():

@@ -103,12 +103,20 @@ class DiffusionInst(nn.Module):
     def _encode(self, x: Tensor, image_sizes: Tensor) -> Encoded:
         feats = self.backbone(x)
         fpn = self.fpn([feats[n] for n in self.cfg.fpn.in_features])
+        names = self.cfg.head.in_features
+        sink = self.head.pooler.gradient_sink([fpn[n] for n in names])
+        if sink is not None:
+            # CPU training: wrapped before the mask branch reads them, so the sink's backward receives the mask
+            # branch's gradient of each level too and adds the RoIAlign one to it in that gradient's (NCHW)
+            # layout; the FPN convs' backward then needs no layout copy and autograd no separate sum
+            fpn = {**fpn, **dict(zip(names, sink.wrap([fpn[n] for n in names])))}
         mask_feat = self.mask_branch([fpn[n] for n in self.cfg.mask.in_features])
         return Encoded(
-            features=[fpn[n] for n in self.cfg.head.in_features],
+            features=[fpn[n] for n in names],
             mask_feat=mask_feat,
             image_sizes=image_sizes.to(torch.int64),
             fpn=fpn,
+            sink=sink,
         )
 
     def encode(self, images: Tensor, image_sizes: Tensor) -> Encoded:
@@ -215,7 +223,7 @@ class DiffusionInst(nn.Module):
         boxes = torch.stack([c.boxes_norm_xyxy for c in corrupted]) * whwh[:, None, :]
         t = torch.cat([c.t for c in corrupted])
         head_trace = {} if record is not None else None
-        out = self.head(enc.features, boxes, t, trace=head_trace)
+        out = self.head(enc.features, boxes, t, trace=head_trace, sink=enc.sink)
         out["mask_feat"] = enc.mask_feat
         weight = (
             self.fed_loss_weight

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from diffusioninst.config.schema import ModelConfig
 from diffusioninst.model.head_stage import HeadStage
-from diffusioninst.model.pooler import MultiLevelRoIAlign
+from diffusioninst.model.pooler import GradientSink, MultiLevelRoIAlign
 
 __all__ = ["DynamicHead", "SinusoidalEmbedding", "official_head_init"]
 
@@ -77,13 +77,22 @@ class DynamicHead(nn.Module):
             canonical_level=h.canonical_level,
         )
 
-    def forward(self, features: list[Tensor], boxes: Tensor, t: Tensor, trace: dict | None = None) -> dict[str, Tensor]:
+    def forward(
+        self,
+        features: list[Tensor],
+        boxes: Tensor,
+        t: Tensor,
+        trace: dict | None = None,
+        sink: GradientSink | None = None,
+    ) -> dict[str, Tensor]:
         """
         Args:
             features: pooled FPN levels (p2..p5), each [B, d, H_l, W_l].
             boxes: [B, N, 4] abs xyxy (input frame), float32 or float64.
             t: [B] int64 timesteps.
             trace: if a dict, intermediate tensors are stored in it (tests / debugging).
+            sink: a :class:`GradientSink` that ``features`` were already wrapped in (the detector's training
+                forward does this); None = the head makes and applies its own when it trains on CPU.
         Returns:
             ``logits`` [S, B, N, K], ``boxes`` [S, B, N, 4] abs xyxy, ``kernels`` [S, B, N, P] for the S stages.
         """
@@ -95,9 +104,10 @@ class DynamicHead(nn.Module):
         pro = None
         if trace is not None:
             trace.update(time_emb=time_emb, stages=[])
-        sink = self.pooler.gradient_sink(features)  # the stages' RoIAlign gradients summed once per level
-        if sink is not None:
-            features = sink.wrap(features)
+        if sink is None:
+            sink = self.pooler.gradient_sink(features)  # the stages' RoIAlign gradients summed once per level
+            if sink is not None:
+                features = sink.wrap(features)
         for stage in self.stages:
             roi = self.pooler(features, boxes, sink=sink)
             cls, box, obj, ker = stage(roi, boxes, pro, time_emb, shared_time=shared)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -19,12 +20,15 @@ class Encoded:
         mask_feat: F_mask [B, C, Hp/4, Wp/4] (stride 4 of the padded image).
         image_sizes: int64 [B, 2] (h, w) of the unpadded network-input images.
         fpn: every FPN level by name (p2..p6), for inspection.
+        sink: in CPU training, the :class:`~diffusioninst.model.pooler.GradientSink` that ``features`` were
+            wrapped in (before the mask branch read them), for the head's poolings; else None.
     """
 
     features: list[Tensor]
     mask_feat: Tensor
     image_sizes: Tensor
     fpn: dict[str, Tensor] = field(default_factory=dict)
+    sink: Any = None
 
     def __len__(self) -> int:
         return int(self.image_sizes.shape[0])
