@@ -195,3 +195,11 @@ def test_cli_help_and_config_errors_exit_cleanly(tmp_path):
     )
     assert out.returncode == 0, out.stderr
     assert yaml.safe_load(out.stdout)["model"]["head"]["num_proposals"] == 7
+
+
+def test_bf16_autocast_without_gpu_is_rejected_before_any_work():
+    """torchvision's CPU RoIAlign has no bfloat16 kernel: forcing bf16 on CPU would fail at the first step."""
+    msg = error_of(lambda: load_config(ExperimentConfig, None, SYN + ["solver.amp=bf16"]))
+    assert "solver.amp" in msg and "ray.use_gpu" in msg
+    cfg = load_config(ExperimentConfig, None, SYN + ["solver.amp=bf16", "ray.use_gpu=true"])
+    assert cfg.solver.amp == "bf16"

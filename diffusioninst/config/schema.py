@@ -500,4 +500,12 @@ class ExperimentConfig:
                     f"{self.solver.grad_accum_steps})",
                 )
             )
+        if self.solver.amp == "bf16" and not self.ray.use_gpu:
+            problems.append(
+                (
+                    "solver.amp",
+                    "'bf16' needs ray.use_gpu: true (torchvision's CPU RoIAlign has no bfloat16 kernel); "
+                    "use 'auto' (bf16 on GPU, float32 on CPU) or 'none'",
+                )
+            )
         return problems

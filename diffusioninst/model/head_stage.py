@@ -80,8 +80,12 @@ class DynamicConv(nn.Module):
     def forward(self, pro: Tensor, roi: Tensor) -> Tensor:
         # split, not two slices (whose backward zero-fills the [N, 2 * num_params] gradient twice and adds: R50
         # training ~5% of the iteration), and a split whose backward does not concatenate either
+        # (CPU float only: on GPU the concatenation is cheap, and under autocast the plain ops keep its casts)
         layer = self.dynamic_layer
-        first, second = _SplitLinear.apply(pro, layer.weight, layer.bias, self.num_params)
+        if pro.device.type == "cpu" and not torch.is_autocast_enabled("cpu"):
+            first, second = _SplitLinear.apply(pro, layer.weight, layer.bias, self.num_params)
+        else:
+            first, second = layer(pro).split(self.num_params, dim=1)
         param1 = first.view(-1, self.hidden_dim, self.dim_dynamic)
         param2 = second.view(-1, self.dim_dynamic, self.hidden_dim)
         x = F.relu(self.norm1(torch.bmm(roi, param1)))
