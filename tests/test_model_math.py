@@ -222,7 +222,7 @@ def test_multilevel_roi_align_gradient_matches_torchvision():
 
 
 def test_gradient_sink_sums_the_stages_like_autograd():
-    """Three poolings of one pyramid through a GradientSink (one sparse product per level at the end) against
+    """Three poolings of one pyramid through a GradientSink (sparse products summed into one buffer per level) against
     the same poolings without it (one dense gradient per pooling, summed by autograd); a level no box reaches
     still gets its zero gradient, and a level also used outside the pooler keeps that gradient too, in that
     gradient's own (contiguous NCHW) layout rather than the sparse product's channels-last one."""
