@@ -169,8 +169,8 @@ def write_subset_gt(gt: dict, image_ids: list[int], path: Path) -> Path:
     # every rank may write the same file at once: each through its own temporary file, renamed atomically
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
     try:
-        os.fchmod(fd, 0o644)  # mkstemp creates 0600; the GT file is as readable as any other output
-        with os.fdopen(fd, "w") as f:
+        with os.fdopen(fd, "w") as f:  # owns fd from here: closed even if what follows fails
+            os.fchmod(f.fileno(), 0o644)  # mkstemp creates 0600; the GT file is as readable as any other output
             f.write(json.dumps(subset))
         os.replace(tmp, path)
     except BaseException:
