@@ -20,7 +20,7 @@ from diffusioninst.model.box_ops import (
     xyxy_to_cxcywh,
 )
 from diffusioninst.model.criterion import dice_loss, federated_classes
-from diffusioninst.model.diffusion import DiffusionSchedule, ddim_coefficients, ddim_time_pairs
+from diffusioninst.model.diffusion import DiffusionSchedule, ddim_coefficients, ddim_time_pairs, repeat_counts
 from diffusioninst.model.head_stage import _SplitLinear
 from diffusioninst.model.mask_branch import aligned_bilinear
 from diffusioninst.model.matcher import DynamicKMatcher
@@ -123,6 +123,29 @@ def test_corruption_pads_gt_first_and_handles_empty_and_too_many():
     assert rows == sorted(rows) and len(set(rows)) == 4  # a subset, in GT order
     pad = sched.corrupt(gt, 6, ReplayNoise([torch.tensor([5]), torch.zeros(6, 4), torch.full((4, 4), -6.0)]))
     assert torch.allclose(pad.x_start[2:, 2:], torch.full((4, 2), (1e-4 * 2 - 1) * 2))  # w, h clipped at 1e-4
+
+
+def test_repeat_padding_fills_the_proposals_with_gt_copies():
+    sched = DiffusionSchedule(DiffusionConfig(gt_padding="repeat"))
+    gt = torch.tensor([[0.5, 0.5, 0.2, 0.4], [0.3, 0.6, 0.1, 0.1], [0.7, 0.2, 0.3, 0.2]])
+    # 7 slots for 3 GT: 2 copies each, and one more for the GT with the largest key (the third)
+    keys = torch.tensor([0.1, -1.0, 2.0])
+    out = sched.corrupt(gt, 7, ReplayNoise([torch.tensor([0]), torch.zeros(7, 4), keys]))
+    expected = ((gt * 2 - 1) * 2)[torch.tensor([0, 0, 1, 1, 2, 2, 2])]
+    assert torch.equal(out.x_start, expected)
+    # zero noise: x_t = sqrt(alpha_bar_0) x_start, mapped back to normalized xyxy boxes in the same order
+    x_t = sched.sqrt_alphas_cumprod[0] * expected.double()
+    assert torch.allclose(out.boxes_norm_xyxy, cxcywh_to_xyxy((x_t / 2 + 1) / 2), rtol=0, atol=1e-12)
+    # N divisible by G: no key is drawn; an image without GT repeats the fake box; G > N keeps a subset
+    even = sched.corrupt(gt[:2], 6, ReplayNoise([torch.tensor([3]), torch.zeros(6, 4)]))
+    assert torch.equal(even.x_start, ((gt[:2] * 2 - 1) * 2).repeat_interleave(3, dim=0))
+    empty = sched.corrupt(torch.zeros(0, 4), 3, GeneratorNoise(0))
+    assert torch.allclose(empty.x_start, torch.tensor([[0.0, 0.0, 2.0, 2.0]]).expand(3, 4))
+    assert sched.corrupt(gt, 2, GeneratorNoise(0)).x_start.shape == (2, 4)
+    counts = repeat_counts(5, 23, GeneratorNoise(1))
+    assert counts.sum() == 23 and sorted(counts.tolist()) == [4, 4, 5, 5, 5]
+    with pytest.raises(ValueError, match="num_gt"):
+        repeat_counts(0, 5, GeneratorNoise(0))
 
 
 def test_dice_and_focal_closed_form():

@@ -93,6 +93,23 @@ def test_more_gt_than_proposals():
     assert all(torch.isfinite(v) for v in losses.values())
 
 
+def test_repeat_padding_trains_on_copies_of_the_gt_only():
+    torch.manual_seed(0)
+    cfg = tiny_config()
+    cfg = dataclasses.replace(cfg, diffusion=dataclasses.replace(cfg.diffusion, gt_padding="repeat"))
+    model = build_model(cfg).train()
+    images, sizes, targets = batch([(64, 96), (80, 70)], instances=3)  # N = 16 proposals: 6, 5, 5 copies
+    record: dict = {}
+    losses = model(images, sizes, targets, noise=_noise(2), record=record)
+    for corrupted, prepared in zip(record["corrupted"], record["targets"]):
+        gt_signal = (prepared["boxes_cxcywh_norm"] * 2 - 1) * 2
+        copies = (corrupted.x_start[:, None, :] == gt_signal[None]).all(-1)  # [N, G]
+        assert copies.sum(1).tolist() == [1] * 16  # every slot is a GT box
+        assert sorted(copies.sum(0).tolist()) == [5, 5, 6]
+    assert all(torch.isfinite(v) for v in losses.values())
+    sum(losses.values()).backward()
+
+
 def test_federated_loss_needs_frequencies_and_masks_classes():
     images, sizes, targets = batch([(64, 64)])
     model = _train_model(use_fed_loss=True, fed_loss_num_classes=2)

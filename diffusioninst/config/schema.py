@@ -116,6 +116,11 @@ class DiffusionConfig:
     timesteps: int = option(1000, min=1, help="T, diffusion timesteps")
     signal_scale: float = option(2.0, min=0.0, min_exclusive=True, help="box signal scale (SNR_SCALE)")
     cosine_s: float = option(0.008, min=0.0, help="offset s of the cosine schedule")
+    gt_padding: Literal["concat", "repeat"] = option(
+        "concat",
+        help="fill the N training proposals with the G GT boxes plus random placeholders ('concat', official) "
+        "or with copies of the GT boxes, N // G or N // G + 1 each ('repeat', DiffusionDet's other strategy)",
+    )
     pad_box_mean: float = option(0.5, help="mean of the random placeholder boxes (normalized cxcywh) padding the GT")
     pad_box_std: float = option(1.0 / 6.0, min=0.0, help="std of the placeholder boxes (official 1/6: 3 sigma = 1/2)")
     pad_box_min_wh: float = option(1e-4, min=0.0, help="placeholder boxes' w, h are clipped to at least this")

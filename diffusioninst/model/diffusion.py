@@ -64,6 +64,21 @@ class CorruptedBoxes:
     x_t: Tensor
 
 
+def repeat_counts(num_gt: int, num_proposals: int, noise: NoiseSource) -> Tensor:
+    """How many copies of each of ``num_gt`` GT boxes fill ``num_proposals`` slots (``repeat`` padding).
+
+    Every GT gets ``N // G`` copies and ``N % G`` of them, chosen at random (the largest of one ``randn(G)``
+    draw), one more: int64 ``[G]`` summing to ``N``. Needs ``0 < G <= N``.
+    """
+    if not 0 < num_gt <= num_proposals:
+        raise ValueError(f"repeat padding needs 0 < num_gt <= num_proposals, got {num_gt} and {num_proposals}")
+    counts = torch.full((num_gt,), num_proposals // num_gt, dtype=torch.int64)
+    extra = num_proposals % num_gt
+    if extra:
+        counts[torch.topk(noise.randn((num_gt,)), extra).indices.cpu()] += 1
+    return counts
+
+
 class DiffusionSchedule(nn.Module):
     """Holds the float64 schedule (non-persistent buffers, recomputed from the config) and the diffusion math."""
 
@@ -99,12 +114,13 @@ class DiffusionSchedule(nn.Module):
         return a * x_start + b * noise
 
     def corrupt(self, gt_cxcywh_norm: Tensor, num_proposals: int, noise: NoiseSource) -> CorruptedBoxes:
-        """Official ``prepare_diffusion_concat`` for one image.
+        """Official ``prepare_diffusion_concat`` for one image (or its ``repeat`` alternative).
 
         Draws ``t ~ randint(0, T)``, ``noise ~ randn(N, 4)``; pads the G GT boxes (kept FIRST, in order) with
         ``randn(N-G, 4) * pad_box_std + pad_box_mean`` placeholders (w, h clipped at ``pad_box_min_wh``), or
         keeps a random subset of N when G > N (order preserved; drawn as the N largest of ``randn(G)``); an
-        image without GT diffuses one fake box ``empty_gt_box``.
+        image without GT diffuses one fake box ``empty_gt_box``. With ``gt_padding: repeat`` the N boxes are
+        instead copies of the G GT boxes, in GT order (``repeat_counts`` copies each), and nothing else.
         """
         cfg = self.cfg
         device = gt_cxcywh_norm.device
@@ -114,7 +130,9 @@ class DiffusionSchedule(nn.Module):
         if gt.shape[0] == 0:
             gt = torch.as_tensor([cfg.empty_gt_box], dtype=torch.float32, device=device)
         g = gt.shape[0]
-        if g < num_proposals:
+        if cfg.gt_padding == "repeat" and g < num_proposals:
+            x_start = gt.repeat_interleave(repeat_counts(g, num_proposals, noise).to(device), dim=0)
+        elif g < num_proposals:
             pad = noise.randn((num_proposals - g, 4)).to(device) / (1.0 / cfg.pad_box_std) + cfg.pad_box_mean
             pad[:, 2:] = torch.clip(pad[:, 2:], min=cfg.pad_box_min_wh)
             x_start = torch.cat((gt, pad), dim=0)
