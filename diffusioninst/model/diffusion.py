@@ -75,8 +75,14 @@ def repeat_counts(num_gt: int, num_proposals: int, noise: NoiseSource) -> Tensor
     counts = torch.full((num_gt,), num_proposals // num_gt, dtype=torch.int64)
     extra = num_proposals % num_gt
     if extra:
-        counts[torch.topk(noise.randn((num_gt,)), extra).indices.cpu()] += 1
+        counts[random_choice(num_gt, extra, noise).cpu()] += 1
     return counts
+
+
+def random_choice(n: int, k: int, noise: NoiseSource) -> Tensor:
+    """Indices of ``k`` of ``n`` items, chosen uniformly at random: the ``k`` largest of one ``randn(n)`` draw
+    (int64 ``[k]``, in ``topk`` order, on the noise source's device)."""
+    return torch.topk(noise.randn((n,)), k).indices
 
 
 class DiffusionSchedule(nn.Module):
@@ -130,16 +136,14 @@ class DiffusionSchedule(nn.Module):
         if gt.shape[0] == 0:
             gt = torch.as_tensor([cfg.empty_gt_box], dtype=torch.float32, device=device)
         g = gt.shape[0]
-        if cfg.gt_padding == "repeat" and g < num_proposals:
+        if g < num_proposals and cfg.gt_padding == "repeat":
             x_start = gt.repeat_interleave(repeat_counts(g, num_proposals, noise).to(device), dim=0)
         elif g < num_proposals:
             pad = noise.randn((num_proposals - g, 4)).to(device) / (1.0 / cfg.pad_box_std) + cfg.pad_box_mean
             pad[:, 2:] = torch.clip(pad[:, 2:], min=cfg.pad_box_min_wh)
             x_start = torch.cat((gt, pad), dim=0)
         elif g > num_proposals:
-            keys = noise.randn((g,)).to(device)
-            keep = torch.topk(keys, num_proposals).indices.sort().values
-            x_start = gt[keep]
+            x_start = gt[random_choice(g, num_proposals, noise).to(device).sort().values]
         else:
             x_start = gt
         x_start = (x_start * 2.0 - 1.0) * self.scale
