@@ -148,6 +148,27 @@ def test_repeat_padding_fills_the_proposals_with_gt_copies():
         repeat_counts(0, 5, GeneratorNoise(0))
 
 
+def test_train_t_min_restricts_the_training_timesteps():
+    gt = torch.tensor([[0.5, 0.5, 0.2, 0.4]])
+    official = DiffusionSchedule(DiffusionConfig())
+    late = DiffusionSchedule(DiffusionConfig(train_t_min=600))
+    ts = []
+    for seed in range(200):
+        # the official draw is torch.randint(0, T, (1,)) first from the image's generator
+        expected = torch.randint(0, 1000, (1,), generator=torch.Generator().manual_seed(seed))
+        assert torch.equal(official.corrupt(gt, 4, GeneratorNoise(seed)).t, expected)
+        ts.append(int(late.corrupt(gt, 4, GeneratorNoise(seed)).t))
+    assert min(ts) >= 600 and max(ts) <= 999 and len(set(ts)) > 100
+    # the boxes are noised at the drawn t: zero noise gives sqrt(alpha_bar_t) x_start
+    out = late.corrupt(gt, 1, ReplayNoise([torch.tensor([700]), torch.zeros(1, 4)]))
+    x_start = (gt * 2 - 1) * 2
+    assert torch.allclose(out.x_t, late.sqrt_alphas_cumprod[700] * x_start.double(), rtol=0, atol=1e-12)
+    with pytest.raises(RuntimeError, match=r"outside \[600, 1000\)"):  # the draw's bounds are [t_min, T)
+        late.corrupt(gt, 1, ReplayNoise([torch.tensor([599]), torch.zeros(1, 4)]))
+    assert DiffusionConfig(train_t_min=1000).check()[0][0] == "model.diffusion.train_t_min"
+    assert DiffusionConfig(train_t_min=999).check() == []
+
+
 def test_dice_and_focal_closed_form():
     p = torch.tensor([[0.5, 0.5, 0.0, 1.0]])
     t = torch.tensor([[1.0, 0.0, 0.0, 1.0]])

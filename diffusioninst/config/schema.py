@@ -116,6 +116,12 @@ class DiffusionConfig:
     timesteps: int = option(1000, min=1, help="T, diffusion timesteps")
     signal_scale: float = option(2.0, min=0.0, min_exclusive=True, help="box signal scale (SNR_SCALE)")
     cosine_s: float = option(0.008, min=0.0, help="offset s of the cosine schedule")
+    train_t_min: int = option(
+        0,
+        min=0,
+        help="training draws t ~ randint(train_t_min, timesteps) (official 0); a larger value spends the training "
+        "on the noisier boxes that few-step sampling starts from",
+    )
     gt_padding: Literal["concat", "repeat"] = option(
         "concat",
         help="fill the N training proposals with the G GT boxes plus random placeholders ('concat', official) "
@@ -127,6 +133,11 @@ class DiffusionConfig:
     empty_gt_box: list[float] = option(
         [0.5, 0.5, 1.0, 1.0], min_len=4, help="fake GT (normalized cxcywh) diffused for images without instances"
     )
+
+    def check(self) -> list[Problem]:
+        if self.train_t_min >= self.timesteps:
+            return [("model.diffusion.train_t_min", f"must be < model.diffusion.timesteps ({self.timesteps})")]
+        return []
 
 
 @dataclass

@@ -122,7 +122,8 @@ class DiffusionSchedule(nn.Module):
     def corrupt(self, gt_cxcywh_norm: Tensor, num_proposals: int, noise: NoiseSource) -> CorruptedBoxes:
         """Official ``prepare_diffusion_concat`` for one image (or its ``repeat`` alternative).
 
-        Draws ``t ~ randint(0, T)``, ``noise ~ randn(N, 4)``; pads the G GT boxes (kept FIRST, in order) with
+        Draws ``t ~ randint(train_t_min, T)`` (official ``randint(0, T)``), ``noise ~ randn(N, 4)``; pads the G
+        GT boxes (kept FIRST, in order) with
         ``randn(N-G, 4) * pad_box_std + pad_box_mean`` placeholders (w, h clipped at ``pad_box_min_wh``), or
         keeps a random subset of N when G > N (order preserved; drawn as the N largest of ``randn(G)``); an
         image without GT diffuses one fake box ``empty_gt_box``. With ``gt_padding: repeat`` the N boxes are
@@ -130,7 +131,7 @@ class DiffusionSchedule(nn.Module):
         """
         cfg = self.cfg
         device = gt_cxcywh_norm.device
-        t = noise.randint(0, self.timesteps, (1,)).to(device)
+        t = noise.randint(cfg.train_t_min, self.timesteps, (1,)).to(device)
         eps = noise.randn((num_proposals, 4)).to(device)
         gt = gt_cxcywh_norm
         if gt.shape[0] == 0:
