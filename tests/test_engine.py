@@ -287,3 +287,37 @@ def test_predict_writes_overlays_and_coco_results(tmp_path):
         assert (h, w) in {(120, 160), (160, 100)}
         assert mask_utils.decode({"size": [h, w], "counts": r["segmentation"]["counts"].encode()}).shape == (h, w)
         assert 0 <= r["category_id"] < cfg.model.head.num_classes
+
+
+def test_ema_weights_are_checkpointed_resumed_and_evaluated(tmp_path):
+    from diffusioninst.engine.checkpoint import read_state
+    from diffusioninst.engine.launch import train
+    from diffusioninst.engine.predictor import load_model
+
+    common = [
+        "name=ema",
+        "solver.ema_decay=0.9",
+        "solver.steps=[3]",
+        "solver.warmup_iters=0",
+        "solver.checkpoint_period=100",
+        "solver.ims_per_batch=1",
+        "model.head.num_proposals=10",
+        "eval.at_end=false",
+        "tracking.enabled=false",
+    ]
+    first = read_state(Path(train(tiny_cfg(tmp_path, *common, "solver.max_iter=3")).checkpoint_path))
+    assert first["ema_updates"] == 3
+    cfg = tiny_cfg(tmp_path, *common, "solver.max_iter=4")
+    outcome = train(cfg)  # resumes at iteration 3 and takes one more step
+    second = read_state(Path(outcome.checkpoint_path))
+    assert second["iteration"] == 4 and second["ema_updates"] == 4
+    d = 4 / 13  # the 4th update: min(0.9, (1 + 3) / (10 + 3))
+    for key, value in second["model_ema"].items():
+        if value.is_floating_point():
+            expected = d * first["model_ema"][key] + (1 - d) * second["model"][key]
+            torch.testing.assert_close(value, expected, rtol=1e-5, atol=1e-6, msg=key)
+    changed = [k for k, v in second["model"].items() if v.is_floating_point() and not torch.equal(v, first["model"][k])]
+    assert changed  # the step moved the weights, so the average differs from them
+    loaded = load_model(cfg, outcome.checkpoint_path).state_dict()  # evaluation / predict load the average
+    assert all(torch.equal(loaded[k], second["model_ema"][k].to(loaded[k].dtype)) for k in changed)
+    assert not all(torch.equal(loaded[k], second["model"][k]) for k in changed)

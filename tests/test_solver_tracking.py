@@ -179,3 +179,32 @@ def test_training_resumes_its_mlflow_run_only_while_its_train_state_exists(tmp_p
     )
     used, _ = open_tracking(other)
     assert used.run_id == ahead.run_id
+
+
+def test_ema_follows_the_warmed_up_recurrence():
+    from diffusioninst.engine.ema import build_ema
+
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.BatchNorm1d(2))
+    ema = build_ema(model, decay=0.9)
+    expected_w = expected_mean = None
+    for k in range(6):
+        with torch.no_grad():
+            model[0].weight.fill_(float(k + 1))
+            model[1].running_mean.fill_(10.0 * k)
+            model[1].num_batches_tracked.fill_(k)
+        ema.update_parameters(model)
+        if k == 0:  # the first update copies
+            expected_w, expected_mean = float(k + 1), 10.0 * k
+        else:  # d_n = min(decay, (1 + n) / (10 + n)), n = updates before this one
+            d = min(0.9, (1 + k) / (10 + k))
+            expected_w = d * expected_w + (1 - d) * (k + 1)
+            expected_mean = d * expected_mean + (1 - d) * 10.0 * k
+    avg = ema.module
+    assert int(ema.n_averaged) == 6
+    assert torch.allclose(avg[0].weight, torch.full((2, 2), expected_w), rtol=1e-6)
+    assert torch.allclose(avg[1].running_mean, torch.full((2,), expected_mean), rtol=1e-6)
+    assert int(avg[1].num_batches_tracked) == 5  # integer buffers are copied
+    assert model[0].weight[0, 0].item() == 6.0  # the trained weights are untouched
+    with pytest.raises(ValueError, match="ema_decay"):
+        build_ema(model, decay=1.0)
+    assert any(key == "solver.ema_decay" for key, _ in SolverConfig(ema_decay=1.0).check())

@@ -410,6 +410,12 @@ class SolverConfig:
     warmup_iters: int = option(1000, min=0, help="linear warmup length")
     warmup_factor: float = option(0.01, min=0.0, max=1.0, help="lr factor at the start of warmup")
     clip_grad_norm: float = option(1.0, min=0.0, help="full-model gradient L2-norm clip (0 = off)")
+    ema_decay: float = option(
+        0.0,
+        min=0.0,
+        help="keep an exponential moving average of the weights with this decay (warmed up, see engine/ema.py) "
+        "and evaluate / export it; 0 = off (official)",
+    )
     amp: Literal["auto", "bf16", "none"] = option("auto", help="autocast: auto = bf16 on GPU, none on CPU")
     checkpoint_period: int = option(5000, min=1, help="save a checkpoint every N iterations")
     log_period: int = option(20, min=1, help="print a progress line every N iterations")
@@ -423,6 +429,8 @@ class SolverConfig:
             problems.append(("solver.steps", f"must be increasing, got {self.steps}"))
         if any(s > self.max_iter for s in self.steps):
             problems.append(("solver.steps", f"every step must be <= solver.max_iter ({self.max_iter})"))
+        if self.ema_decay >= 1.0:
+            problems.append(("solver.ema_decay", f"must be < 1 (0 = off), got {self.ema_decay}"))
         return problems
 
 

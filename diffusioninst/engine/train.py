@@ -11,7 +11,9 @@ does not sync buffers before every forward (as detectron2's ``broadcast_buffers=
 statistics are averaged over ranks before every evaluation and checkpoint instead. Every ``log_period``
 iterations rank 0 prints a progress line and logs ``train/*`` metrics to MLflow; every
 ``checkpoint_period`` iterations and at the end a checkpoint is reported through the session; evaluation
-runs every ``eval_period`` iterations (if set) and at the end, sharded over all ranks.
+runs every ``eval_period`` iterations (if set) and at the end, sharded over all ranks. With
+``solver.ema_decay`` a moving average of the weights is updated after every step, and it is what is
+evaluated, plotted and exported (engine/ema.py); checkpoints hold both.
 
 A non-finite loss stops the run on every rank at the same iteration: nothing is written for that
 iteration, and a final report carries ``status: nonfinite_loss`` with a message naming the iteration and
@@ -45,6 +47,7 @@ from diffusioninst.engine.checkpoint import (
     set_rng_state,
     write_checkpoint,
 )
+from diffusioninst.engine.ema import build_ema
 from diffusioninst.engine.host import keep_freed_memory
 from diffusioninst.engine.progress import Progress
 from diffusioninst.engine.session import LocalSession, RaySession, Session
@@ -139,11 +142,15 @@ def run_training(cfg: ExperimentConfig, session: Session, tracking: TrackingInfo
     optimizer = build_optimizer(model, cfg.solver)
     clock = TrainClock(cfg.solver)
     scheduler = build_lr_scheduler(optimizer, cfg.solver, clock)  # without a budget the clock is iterations
+    ema = build_ema(model, cfg.solver.ema_decay) if cfg.solver.ema_decay else None
     start_iter, history = 0, []
     with session.latest_checkpoint() as ckpt_dir:
         if ckpt_dir is not None and (ckpt_dir / STATE_FILE).is_file():
             state = read_state(ckpt_dir, map_location=device)
             model.load_state_dict(state["model"])
+            if ema is not None:  # a run that had no average yet starts it from the resumed weights
+                ema.module.load_state_dict(state.get("model_ema") or state["model"])
+                ema.n_averaged.fill_(int(state.get("ema_updates", 0)))
             optimizer.load_state_dict(state["optimizer"])
             scheduler.load_state_dict(state["scheduler"])
             start_iter = int(state["iteration"])
@@ -173,6 +180,7 @@ def run_training(cfg: ExperimentConfig, session: Session, tracking: TrackingInfo
     last_good_iter = start_iter
     latest_eval: dict[str, float] = {}  # reported with every checkpoint (Tune schedulers read it)
     loop_t0, seconds0 = time.perf_counter(), clock.seconds
+    eval_model = model if ema is None else ema.module  # what evaluation, plots and exported weights use
     done = start_iter
     for it in range(start_iter, cfg.solver.max_iter):
         if clock.exhausted:  # every rank holds the same clock (agreed on in the step below)
@@ -202,6 +210,8 @@ def run_training(cfg: ExperimentConfig, session: Session, tracking: TrackingInfo
         lr = optimizer.param_groups[0]["lr"]
         optimizer.step()
         scheduler.step()
+        if ema is not None:
+            ema.update_parameters(model)
         step_terms["loss"] = sum(v for k, v in step_terms.items() if k != "loss")
         step_terms["grad_norm"] = grad_norm
         for k, v in step_terms.items():
@@ -223,9 +233,9 @@ def run_training(cfg: ExperimentConfig, session: Session, tracking: TrackingInfo
         if last:
             break
         if cfg.solver.eval_period and done % cfg.solver.eval_period == 0:
-            latest_eval = _evaluate_and_log(cfg, model, session, logger, done, out_dir=None) or latest_eval
+            latest_eval = _evaluate_and_log(cfg, eval_model, session, logger, done, out_dir=None) or latest_eval
         if done % cfg.solver.checkpoint_period == 0:
-            _checkpoint(cfg, session, model, optimizer, scheduler, done, history, clock.seconds, latest_eval)
+            _checkpoint(cfg, session, model, ema, optimizer, scheduler, done, history, clock.seconds, latest_eval)
             last_good_iter = done
 
     final_iter = done
@@ -235,13 +245,14 @@ def run_training(cfg: ExperimentConfig, session: Session, tracking: TrackingInfo
     with tempfile.TemporaryDirectory() as art:
         art_dir = Path(art)
         if cfg.eval.at_end:
-            final_metrics = _evaluate_and_log(cfg, model, session, logger, final_iter, out_dir=art_dir / "eval")
+            final_metrics = _evaluate_and_log(cfg, eval_model, session, logger, final_iter, out_dir=art_dir / "eval")
         if session.rank == 0:
-            _final_artifacts(cfg, model, history, logger, art_dir, device)
+            _final_artifacts(cfg, eval_model, history, logger, art_dir, device)
         _checkpoint(
             cfg,
             session,
             model,
+            ema,
             optimizer,
             scheduler,
             final_iter,
@@ -257,6 +268,7 @@ def _checkpoint(
     cfg: ExperimentConfig,
     session: Session,
     model: nn.Module,
+    ema: Any,
     optimizer: Any,
     scheduler: Any,
     iteration: int,
@@ -266,8 +278,14 @@ def _checkpoint(
     extra_dir: Path | None = None,
     status: dict[str, Any] | None = None,
 ) -> None:
-    """Gather RNG states to rank 0, write the folder there, and report it (all ranks report: a barrier)."""
+    """Gather RNG states to rank 0, write the folder there, and report it (all ranks report: a barrier).
+
+    With a weight average (``ema``, see engine/ema.py) the state also holds ``model_ema`` (what
+    evaluation and prediction load, :func:`diffusioninst.model.state_io.read_state_dict`) and ``ema_updates``.
+    """
     dist.average_buffers(_unwrap(model))
+    if ema is not None:
+        dist.average_buffers(ema.module)
     rngs = dist.gather_to_rank0(rng_state())
     report = {"iteration": iteration, "status": (status or {}).get("status", STATUS_OK), **metrics}
     if session.rank != 0:
@@ -284,6 +302,9 @@ def _checkpoint(
             "rng": rngs,
             "history": history,
         }
+        if ema is not None:
+            state["model_ema"] = ema.module.state_dict()
+            state["ema_updates"] = int(ema.n_averaged)
         write_checkpoint(tmp, state, to_yaml(cfg), meta=report, status=status)
         if extra_dir is not None:
             for sub in ("eval", "plots"):

@@ -74,7 +74,7 @@ def _to_tensor(value: Any) -> Tensor | None:
 def _unwrap(obj: Any, path: Path) -> dict[str, Any]:
     if not isinstance(obj, dict):
         raise ValueError(f"{path}: expected a state dict (a mapping of names to tensors), got {type(obj).__name__}")
-    for key in ("model", "state_dict", "model_state", "module"):
+    for key in ("model_ema", "model", "state_dict", "model_state", "module"):  # our EMA weights first
         inner = obj.get(key)
         if isinstance(inner, dict) and inner and all(isinstance(k, str) for k in inner):
             return inner
@@ -84,7 +84,8 @@ def _unwrap(obj: Any, path: Path) -> dict[str, Any]:
 def read_state_dict(path: str | Path, config_key: str = "weights") -> dict[str, Tensor]:
     """Read a weight file into ``{name: Tensor}``.
 
-    Accepts a plain state dict or a dict holding one under ``"model"``/``"state_dict"``; numpy arrays are
+    Accepts a plain state dict or a dict holding one under ``"model"``/``"state_dict"`` (our training
+    checkpoints with ``solver.ema_decay`` also hold ``"model_ema"``, which is preferred); numpy arrays are
     converted, non-tensor entries (``__author__``, ``matching_heuristics``, ...) are dropped.
 
     Raises:
