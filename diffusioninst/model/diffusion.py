@@ -122,12 +122,12 @@ class DiffusionSchedule(nn.Module):
     def corrupt(self, gt_cxcywh_norm: Tensor, num_proposals: int, noise: NoiseSource) -> CorruptedBoxes:
         """Official ``prepare_diffusion_concat`` for one image (or its ``repeat`` alternative).
 
-        Draws ``t ~ randint(train_t_min, T)`` (official ``randint(0, T)``), ``noise ~ randn(N, 4)``; pads the G
-        GT boxes (kept FIRST, in order) with
-        ``randn(N-G, 4) * pad_box_std + pad_box_mean`` placeholders (w, h clipped at ``pad_box_min_wh``), or
-        keeps a random subset of N when G > N (order preserved; drawn as the N largest of ``randn(G)``); an
-        image without GT diffuses one fake box ``empty_gt_box``. With ``gt_padding: repeat`` the N boxes are
-        instead copies of the G GT boxes, in GT order (``repeat_counts`` copies each), and nothing else.
+        Draws ``t ~ randint(train_t_min, T)`` (official ``randint(0, T)``), ``noise ~ randn(N, 4)``; pads the
+        G GT boxes (kept FIRST, in order) with ``randn(N-G, 4) * pad_box_std + pad_box_mean`` placeholders
+        (w, h clipped at ``pad_box_min_wh``), or keeps a random subset of N when G > N (order preserved; drawn
+        as the N largest of ``randn(G)``); an image without GT diffuses one fake box ``empty_gt_box``. With
+        ``gt_padding: repeat`` the N boxes are instead copies of the G GT boxes, in GT order
+        (``repeat_counts`` copies each), and nothing else.
         """
         cfg = self.cfg
         device = gt_cxcywh_norm.device
