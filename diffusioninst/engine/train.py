@@ -36,6 +36,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.optim.swa_utils import AveragedModel
 
 from diffusioninst.config import ExperimentConfig, build_config, to_yaml
 from diffusioninst.data.loaders import per_rank_batch_size
@@ -268,7 +269,7 @@ def _checkpoint(
     cfg: ExperimentConfig,
     session: Session,
     model: nn.Module,
-    ema: Any,
+    ema: AveragedModel | None,
     optimizer: Any,
     scheduler: Any,
     iteration: int,
