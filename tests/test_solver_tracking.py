@@ -185,7 +185,7 @@ def test_ema_follows_the_warmed_up_recurrence():
     from diffusioninst.engine.ema import build_ema
 
     model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.BatchNorm1d(2))
-    ema = build_ema(model, decay=0.9)
+    ema = build_ema(model, decay=0.3)  # the warmup (2/11, 3/12) and then the cap (0.3 < 4/13) both apply
     expected_w = expected_mean = None
     for k in range(6):
         with torch.no_grad():
@@ -196,7 +196,7 @@ def test_ema_follows_the_warmed_up_recurrence():
         if k == 0:  # the first update copies
             expected_w, expected_mean = float(k + 1), 10.0 * k
         else:  # d_n = min(decay, (1 + n) / (10 + n)), n = updates before this one
-            d = min(0.9, (1 + k) / (10 + k))
+            d = min(0.3, (1 + k) / (10 + k))
             expected_w = d * expected_w + (1 - d) * (k + 1)
             expected_mean = d * expected_mean + (1 - d) * 10.0 * k
     avg = ema.module
