@@ -30,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import cv2
 import numpy as np
 import torch
+from host_info import cpu_model
 
 from diffusioninst.config import ExperimentConfig, load_config
 from diffusioninst.data.preprocess import local_runtime_env
@@ -244,6 +245,7 @@ def main(argv: list[str] | None = None) -> int:
     results["train_ingest_images_per_s"] = ing
     results["environment"] = {
         "cpus": os.cpu_count(),
+        "cpu_model": cpu_model(),
         "python": platform.python_version(),
         "torch": torch.__version__,
         "opencv": cv2.__version__,

@@ -30,30 +30,14 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from host_info import cpu_model
+
 from diffusioninst.config import ExperimentConfig, load_config
 from diffusioninst.config.schema import ModelConfig, SamplerConfig
 from diffusioninst.engine.host import keep_freed_memory
 from diffusioninst.model import Encoded, GeneratorNoise, build_model, postprocess
 
 OFFICIAL = {"r50": {"infer_1step_s": 10.6, "infer_4step_s": 35.4, "train_iter_s": 20.2}}
-
-
-def cpu_model() -> str:
-    """The CPU's model name and its wide-vector features (Linux ``/proc/cpuinfo``): the shared reference box has
-    been more than one kind of CPU, and virtual machines often hide the model behind a generic name."""
-    name, flags = platform.processor() or "unknown", []
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    name = line.split(":", 1)[1].strip()
-                elif line.startswith("flags"):
-                    have = set(line.split(":", 1)[1].split())
-                    flags = [x for x in ("avx2", "avx512f", "avx512_bf16", "amx_tile") if x in have]
-                    break
-    except OSError:
-        pass
-    return f"{name} ({', '.join(flags) or 'no AVX2'})"
 
 
 def _sync(device: torch.device) -> None:
