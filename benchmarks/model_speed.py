@@ -2,7 +2,8 @@
 
 Configs:
   r50   the official R50 COCO model (500 proposals, 6 stages, hidden 256, 80 classes) at 800x1216, batch 1,
-        3 instances for training (official on the 2-core reference box: 10.6 s / 35.4 s / 20.2 s);
+        3 instances for training (official on the 2-core reference box: 10.6 s / 35.4 s / 20.2 s); its
+        training iteration is also timed in the official order of work (benchmarks/official_like.py);
   demo  the small from-scratch demo model (experiments/demo.yaml) at 320x320, batch 4, ~5 instances.
 
 Writes JSON (median of --runs, per-phase breakdown, torch version, threads) and checks that the fast
@@ -31,6 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from host_info import cpu_model
+from official_like import compare_with_ours, official_like_training
 
 from diffusioninst.config import ExperimentConfig, load_config
 from diffusioninst.config.schema import ModelConfig, SamplerConfig
@@ -157,34 +159,6 @@ def _train_step(model, opt, params, images, sizes, targets, seed: int, timer: Ti
         opt.step()
 
 
-def check_official_like_training(model, images, sizes, targets) -> dict:
-    """Losses and gradients of one step, ours against the official order of work (same weights and noise)."""
-    from official_like import official_like_training
-
-    def losses_and_grads():
-        model.zero_grad(set_to_none=True)
-        losses = model(images, sizes, targets, noise=[GeneratorNoise(7 + i) for i in range(len(targets))])
-        sum(losses.values()).backward()
-        grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
-        return {k: v.detach() for k, v in losses.items()}, grads
-
-    ours_l, ours_g = losses_and_grads()
-    with official_like_training(model):
-        off_l, off_g = losses_and_grads()
-    model.zero_grad(set_to_none=True)
-    loss_err = max(float((ours_l[k] - off_l[k]).abs() / off_l[k].abs().clamp_min(1e-12)) for k in off_l)
-    flat_ours = torch.cat([ours_g[n].flatten() for n in off_g])
-    flat_off = torch.cat([off_g[n].flatten() for n in off_g])
-    grad_err = float((flat_ours - flat_off).norm() / flat_off.norm())
-    return {
-        "loss_terms": len(off_l),
-        "max_loss_rel_error": loss_err,
-        "grad_rel_l2_error": grad_err,
-        "same_parameters_with_gradient": sorted(ours_g) == sorted(off_g),
-        "identical_up_to_rounding": loss_err < 1e-5 and grad_err < 1e-4 and sorted(ours_g) == sorted(off_g),
-    }
-
-
 def bench_train(model, images, sizes, targets, runs: int, device, warmup: int = 3, official_like: bool = False) -> dict:
     """Median of ``runs`` training iterations after ``warmup`` ones. The warm-up matters on CPU: the first
     iterations grow the heap (``host.keep_freed_memory``) and fault in fresh pages, which on some virtual
@@ -192,8 +166,6 @@ def bench_train(model, images, sizes, targets, runs: int, device, warmup: int = 
 
     ``official_like``: each timed iteration is preceded by one in the official order of work
     (``official_like.py``), so both see the same machine load; ``official_like_total`` is its median."""
-    from official_like import official_like_training
-
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     try:  # the fused CPU kernel (torch >= 2.4) is several times faster than the per-tensor loop
@@ -299,9 +271,10 @@ def main(argv: list[str] | None = None) -> int:
             entry["infer_4step"], _, _ = bench_inference(model, images, sizes, 4, args.runs, device)
             entry["infer_4step"]["load_average"] = os.getloadavg()[0]
         if "train" in modes:
+            # the official-shaped model on CPU, where our pooling backward and split Linear differ from autograd's
             official_shaped = name == "r50" and device.type == "cpu"
             if official_shaped:  # before the timed steps: the official order of work must give our results
-                entry["official_like_vs_ours"] = check_official_like_training(model, images, sizes, targets)
+                entry["official_like_vs_ours"] = compare_with_ours(model, images, sizes, targets)
             entry["train_iter"] = bench_train(
                 model, images, sizes, targets, args.runs, device, args.train_warmup, official_like=official_shaped
             )
