@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 
 import torch
+from host_info import cpu_model
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -106,7 +107,12 @@ def main() -> int:
         "config": args.config,
         "overrides": args.set,
         "job_wall_seconds": round(job[1] - job[0], 1) if job else None,
-        "machine": {"cpus": torch.get_num_threads(), "processor": platform.processor(), "torch": torch.__version__},
+        "machine": {
+            "cpus": torch.get_num_threads(),
+            "processor": platform.processor(),
+            "cpu_model": cpu_model(),
+            "torch": torch.__version__,
+        },
         "curve": rows,
     }
     out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
