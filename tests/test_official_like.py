@@ -32,7 +32,7 @@ def _losses_and_grads(model, images, sizes, targets, record=None):
 def test_official_order_of_work_gives_our_losses_and_gradients():
     torch.manual_seed(0)
     model = build_model(tiny_config(num_proposals=24)).train()
-    # two sizes and large boxes: proposals land on every pyramid level, and both images have matches
+    # two image sizes and boxes of 10-50% of the image: the proposals fall on several pyramid levels
     images, sizes, targets = batch([(96, 128), (128, 96)], seed=1, instances=3)
     record: dict = {}
     ours_losses, ours_grads = _losses_and_grads(model, images, sizes, targets, record)
