@@ -14,7 +14,7 @@ import torch
 from model_helpers import batch, single_thread, tiny_config  # noqa: F401 (autouse fixture)
 
 from diffusioninst.model import GeneratorNoise, build_model
-from diffusioninst.model.pooler import MultiLevelRoIAlign, assign_levels
+from diffusioninst.model.pooler import MultiLevelRoIAlign
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from official_like import official_like_training
@@ -36,11 +36,11 @@ def test_official_order_of_work_gives_our_losses_and_gradients():
     images, sizes, targets = batch([(96, 128), (128, 96)], seed=1, instances=3)
     record: dict = {}
     ours_losses, ours_grads = _losses_and_grads(model, images, sizes, targets, record)
-    pooler = model.head.pooler
+    pooler, num_levels = model.head.pooler, len(model.cfg.head.in_features)
     levels = {
         int(level)
         for stage in record["head"]["stages"]
-        for level in assign_levels(stage["in_boxes"].reshape(-1, 4).float(), pooler.min_level, pooler.max_level, 224, 4)
+        for level in pooler.rois_and_levels(stage["in_boxes"], num_levels)[1]
     }
     assert len(levels) > 1  # the per-level scatter of both poolers is exercised
     with official_like_training(model):

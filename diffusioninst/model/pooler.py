@@ -297,18 +297,23 @@ class MultiLevelRoIAlign:
         sparse = self.sampling_ratio > 0 and all(f.device.type == "cpu" for f in features)
         return GradientSink() if trains and sparse else None
 
-    def __call__(self, features: list[Tensor], boxes: Tensor, sink: GradientSink | None = None) -> Tensor:
-        """features: per level [B, C, H_l, W_l]; boxes: [B, N, 4] abs xyxy -> [B*N, C, S, S] (image-major).
-
-        ``sink``: from :meth:`gradient_sink`, with ``features`` the ones its ``wrap`` returned."""
+    def rois_and_levels(self, boxes: Tensor, num_levels: int) -> tuple[Tensor, Tensor]:
+        """boxes [B, N, 4] abs xyxy -> rois float32 [B*N, 5] ``(image index, x1, y1, x2, y2)`` (image-major) and
+        int64 [B*N] index of the pyramid level each is pooled from (0 = finest; all 0 with one level)."""
         b, n = boxes.shape[:2]
         flat = boxes.reshape(b * n, 4).to(torch.float32)
         index = torch.arange(b, device=flat.device, dtype=flat.dtype).repeat_interleave(n)
         rois = torch.cat([index[:, None], flat], dim=1)
-        if len(features) == 1:
-            levels = torch.zeros(b * n, dtype=torch.int64, device=flat.device)
-        else:
-            levels = assign_levels(flat, self.min_level, self.max_level, self.canonical_box_size, self.canonical_level)
+        if num_levels == 1:
+            return rois, torch.zeros(b * n, dtype=torch.int64, device=flat.device)
+        levels = assign_levels(flat, self.min_level, self.max_level, self.canonical_box_size, self.canonical_level)
+        return rois, levels
+
+    def __call__(self, features: list[Tensor], boxes: Tensor, sink: GradientSink | None = None) -> Tensor:
+        """features: per level [B, C, H_l, W_l]; boxes: [B, N, 4] abs xyxy -> [B*N, C, S, S] (image-major).
+
+        ``sink``: from :meth:`gradient_sink`, with ``features`` the ones its ``wrap`` returned."""
+        rois, levels = self.rois_and_levels(boxes, len(features))
         spec = {
             # every level is pooled, even without boxes: it stays in the graph (zero gradient), as official
             "index": [torch.nonzero(levels == level).squeeze(1) for level in range(len(features))],
