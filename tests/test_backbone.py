@@ -175,3 +175,50 @@ def test_fpn_levels_and_strides():
     assert list(out) == ["p2", "p3", "p4", "p5", "p6"] and out["p6"].shape == (1, 24, 1, 2)
     assert fpn.strides == {"p2": 4, "p3": 8, "p4": 16, "p5": 32, "p6": 64}
     assert torch.equal(out["p6"], out["p5"][:, :, ::2, ::2])  # max_pool2d(k=1, s=2)
+
+
+@pytest.mark.parametrize(
+    "shape", [(2, 3, 7, 9), (1, 2, 1, 1), (1, 2, 2, 3), (3, 4, 6, 5), (2, 8, 33, 18), (4, 32, 40, 40)]
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_stem_max_pool_equals_torch_values_and_gradients_with_ties(shape, dtype):
+    """Both fast paths against F.max_pool2d bit for bit: values on the no-grad path, values and gradients
+    on the autograd path. Values are rounded to halves after a ReLU, so most windows hold tied maxima
+    (zeros and positives): the gradient must go to the first maximum in row-major window order."""
+    from diffusioninst.model.backbone.pooling import stem_max_pool
+
+    g = torch.Generator().manual_seed(sum(shape))
+    x = (torch.relu(torch.randn(shape, generator=g, dtype=dtype)) * 2).round() / 2
+    x[..., 0, 0] = -torch.inf  # a corner the padding must not beat
+    if shape[-1] >= 3:
+        x[..., -1, 1:3] = 9.0  # a positive maximum held twice in one window
+    ref = torch.nn.functional.max_pool2d(x, kernel_size=3, stride=2, padding=1)
+    with torch.no_grad():
+        assert torch.equal(stem_max_pool(x), ref)
+    grad_out = torch.randn(ref.shape, generator=g, dtype=dtype)
+    a, b = x.clone().requires_grad_(), x.clone().requires_grad_()
+    out = stem_max_pool(a)
+    assert out.is_contiguous() and torch.equal(out, ref)
+    out.backward(grad_out)
+    torch.nn.functional.max_pool2d(b, kernel_size=3, stride=2, padding=1).backward(grad_out)
+    assert torch.equal(a.grad, b.grad)
+    # the ties are real: some output's window holds its maximum more than once
+    if shape[-1] < 3:
+        return
+    windows = torch.nn.functional.unfold(
+        torch.nn.functional.pad(x.flatten(0, 1)[:, None], (1, 1, 1, 1), value=-torch.inf), 3, stride=2
+    )
+    assert ((windows == windows.max(1, keepdim=True).values).sum(1) > 1).any()
+
+
+def test_stem_max_pool_falls_back_to_torch_for_other_inputs():
+    from diffusioninst.model.backbone.pooling import stem_max_pool
+
+    x = torch.randn(2, 8, 9, 10)
+    cl = x.contiguous(memory_format=torch.channels_last)  # not NCHW-contiguous: PyTorch's kernel, same layout out
+    out = stem_max_pool(cl)
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(out, torch.nn.functional.max_pool2d(x, 3, 2, 1))
+    assert torch.equal(stem_max_pool(x[:, :, :, ::2]), torch.nn.functional.max_pool2d(x[:, :, :, ::2], 3, 2, 1))
+    ints = torch.randint(0, 5, (1, 2, 5, 5))
+    assert torch.equal(stem_max_pool(ints), torch.nn.functional.max_pool2d(ints, 3, 2, 1))

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from diffusioninst.model.backbone.norm import NormConv2d, freeze_batchnorm, make_norm
+from diffusioninst.model.backbone.pooling import stem_max_pool
 
 __all__ = ["ResNet", "BLOCKS_PER_DEPTH"]
 
@@ -84,14 +85,14 @@ class BottleneckBlock(_Block):
 
 
 class Stem(_Block):
-    """7x7/2 conv + norm + ReLU + 3x3/2 max-pool: [B, 3, H, W] -> [B, C, H/4, W/4]."""
+    """7x7/2 conv + norm + ReLU + 3x3/2 max-pool (:func:`stem_max_pool`): [B, 3, H, W] -> [B, C, H/4, W/4]."""
 
     def __init__(self, cout: int, norm: str):
         super().__init__()
         self.conv1 = _conv(3, cout, 7, 2, norm, padding=3)
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.max_pool2d(F.relu_(self.conv1(x)), kernel_size=3, stride=2, padding=1)
+        return stem_max_pool(F.relu_(self.conv1(x)))
 
 
 class ResNet(nn.Module):
