@@ -11,6 +11,7 @@ from model_helpers import single_thread  # noqa: F401 (autouse fixture)
 
 from diffusioninst.config.schema import BackboneConfig, ModelConfig
 from diffusioninst.model.backbone import FPN, FrozenBatchNorm2d, ResNet, SwinBackbone, build_backbone
+from diffusioninst.model.backbone.pooling import stem_max_pool
 from diffusioninst.model.backbone.weights import load_backbone_weights
 
 TINY_SWIN = {"embed_dim": 16, "depths": (1, 1, 2, 1), "num_heads": (1, 2, 2, 4)}
@@ -185,8 +186,6 @@ def test_stem_max_pool_equals_torch_values_and_gradients_with_ties(shape, dtype)
     """Both fast paths against F.max_pool2d bit for bit: values on the no-grad path, values and gradients
     on the autograd path. Values are rounded to halves after a ReLU, so most windows hold tied maxima
     (zeros and positives): the gradient must go to the first maximum in row-major window order."""
-    from diffusioninst.model.backbone.pooling import stem_max_pool
-
     g = torch.Generator().manual_seed(sum(shape))
     x = (torch.relu(torch.randn(shape, generator=g, dtype=dtype)) * 2).round() / 2
     x[..., 0, 0] = -torch.inf  # a corner the padding must not beat
@@ -202,18 +201,14 @@ def test_stem_max_pool_equals_torch_values_and_gradients_with_ties(shape, dtype)
     out.backward(grad_out)
     torch.nn.functional.max_pool2d(b, kernel_size=3, stride=2, padding=1).backward(grad_out)
     assert torch.equal(a.grad, b.grad)
-    # the ties are real: some output's window holds its maximum more than once
-    if shape[-1] < 3:
-        return
-    windows = torch.nn.functional.unfold(
-        torch.nn.functional.pad(x.flatten(0, 1)[:, None], (1, 1, 1, 1), value=-torch.inf), 3, stride=2
-    )
-    assert ((windows == windows.max(1, keepdim=True).values).sum(1) > 1).any()
+    if shape[-1] >= 3:  # the ties are real: some output's window holds its maximum more than once
+        windows = torch.nn.functional.unfold(
+            torch.nn.functional.pad(x.flatten(0, 1)[:, None], (1, 1, 1, 1), value=-torch.inf), 3, stride=2
+        )
+        assert ((windows == windows.max(1, keepdim=True).values).sum(1) > 1).any()
 
 
 def test_stem_max_pool_falls_back_to_torch_for_other_inputs():
-    from diffusioninst.model.backbone.pooling import stem_max_pool
-
     x = torch.randn(2, 8, 9, 10)
     cl = x.contiguous(memory_format=torch.channels_last)  # not NCHW-contiguous: PyTorch's kernel, same layout out
     out = stem_max_pool(cl)
