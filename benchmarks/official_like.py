@@ -36,7 +36,7 @@ from torchvision.ops import roi_align
 from diffusioninst.model import GeneratorNoise
 from diffusioninst.model.pooler import MultiLevelRoIAlign
 
-__all__ = ["compare_with_ours", "official_like_training"]
+__all__ = ["compare_with_ours", "losses_and_grads", "official_like_training"]
 
 
 class _Detectron2Pooler:
@@ -107,21 +107,24 @@ def official_like_training(model) -> Iterator[None]:
             del conv.forward
 
 
+def losses_and_grads(model, images, sizes, targets, seed: int, record: dict | None = None):
+    """One training forward + backward (gradients cleared first; image i draws ``GeneratorNoise(seed + i)``):
+    ``({loss name: detached loss}, {parameter name: cloned gradient})``."""
+    model.zero_grad(set_to_none=True)
+    noise = [GeneratorNoise(seed + i) for i in range(len(targets))]
+    losses = model(images, sizes, targets, noise=noise, record=record)
+    sum(losses.values()).backward()
+    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+    return {k: v.detach() for k, v in losses.items()}, grads
+
+
 def compare_with_ours(model, images, sizes, targets) -> dict:
     """Losses and gradients of one training step, ours against the official order of work (same weights and
     noise; ``model`` in train mode, gradients cleared afterwards). Errors are relative to the official-order
     values: the largest over loss terms, and the L2 error of all gradients together."""
-
-    def losses_and_grads():
-        model.zero_grad(set_to_none=True)
-        losses = model(images, sizes, targets, noise=[GeneratorNoise(7 + i) for i in range(len(targets))])
-        sum(losses.values()).backward()
-        grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
-        return {k: v.detach() for k, v in losses.items()}, grads
-
-    ours_l, ours_g = losses_and_grads()
+    ours_l, ours_g = losses_and_grads(model, images, sizes, targets, seed=7)
     with official_like_training(model):
-        off_l, off_g = losses_and_grads()
+        off_l, off_g = losses_and_grads(model, images, sizes, targets, seed=7)
     model.zero_grad(set_to_none=True)
     loss_err = max(float((ours_l[k] - off_l[k]).abs() / off_l[k].abs().clamp_min(1e-12)) for k in off_l)
     same_params = sorted(ours_g) == sorted(off_g)

@@ -13,20 +13,15 @@ from pathlib import Path
 import torch
 from model_helpers import batch, single_thread, tiny_config  # noqa: F401 (autouse fixture)
 
-from diffusioninst.model import GeneratorNoise, build_model
+from diffusioninst.model import build_model
 from diffusioninst.model.pooler import MultiLevelRoIAlign
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from official_like import official_like_training
+from official_like import losses_and_grads, official_like_training
 
 
 def _losses_and_grads(model, images, sizes, targets, record=None):
-    model.zero_grad(set_to_none=True)
-    noise = [GeneratorNoise(3 + i) for i in range(len(targets))]
-    losses = model(images, sizes, targets, noise=noise, record=record)
-    sum(losses.values()).backward()
-    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-    return {k: v.detach() for k, v in losses.items()}, grads
+    return losses_and_grads(model, images, sizes, targets, seed=3, record=record)
 
 
 def test_official_order_of_work_gives_our_losses_and_gradients():
