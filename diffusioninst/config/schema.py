@@ -352,6 +352,11 @@ class DataConfig:
     )
     decode_workers: int = option(1, min=0, help="CPU workers for decoding/augmentation per training worker")
     prefetch_batches: int = option(2, min=0, help="batches prefetched by the loader")
+    ray_scheduling_period_ms: float = option(
+        10.0,
+        min=0.0,
+        help="Ray Data ingest: shortest step of its scheduling loop, so an idle loop does not spin (0 = Ray's own)",
+    )
     cache_images_mb: int = option(
         512, min=0, help="keep decoded training images in memory when the split fits in this many MiB (0 = off)"
     )

@@ -36,6 +36,7 @@ from diffusioninst.config.schema import AugmentationConfig, ExperimentConfig
 from diffusioninst.data.dataset import collate
 from diffusioninst.data.image_io import decode_image
 from diffusioninst.data.parquet import batch_rows, row_to_record
+from diffusioninst.data.ray_pacing import pace_scheduling_loop
 from diffusioninst.data.ray_tasks import (
     class_repeat_factors,
     drop_empty_batch,
@@ -76,7 +77,8 @@ def build_ray_dataset(cfg: ExperimentConfig, split: str = "train"):
 
     Reads ``data.<split>.parquet`` shards when set; otherwise validates the COCO/LVIS/synthetic split on
     the driver and reads the image files in Ray tasks (fine for small data; preprocess large datasets).
-    For training, ``data.filter_empty`` and ``data.repeat_factor_threshold`` are applied here.
+    For training, ``data.filter_empty`` and ``data.repeat_factor_threshold`` are applied here. Its scheduling
+    loop is paced (``data.ray_scheduling_period_ms``, :mod:`diffusioninst.data.ray_pacing`).
     """
     import ray
 
@@ -108,6 +110,7 @@ def build_ray_dataset(cfg: ExperimentConfig, split: str = "train"):
             ds = ds.randomize_block_order(seed=ray.data.RandomSeedConfig(cfg.solver.seed, reseed_after_execution=True))
         ds = ds.map_batches(encode_payload_batch, batch_size=1)
         image_count, num_images = data.meta.image_count, len(records)
+    ds = pace_scheduling_loop(ds, cfg.data.ray_scheduling_period_ms / 1e3)
     if not train:
         return ds
     if cfg.data.filter_empty:

@@ -220,3 +220,43 @@ def test_torch_trainer_ingest_two_workers(ray_cluster, tmp_path):
     first_epoch = [i for r in ranks for batch in r[:6] for i in batch]
     assert sorted(first_epoch) == list(range(1, 25))  # epoch 0: every image exactly once across the 2 ranks
     assert all(len(r) == 8 for r in ranks)
+
+
+def test_ray_ingest_paces_its_scheduling_loop(ray_cluster, tmp_path, monkeypatch):
+    """Ray Data calls the pacing callback on the training dataset's executions with the configured period,
+    and the steps it sees end at least one period apart; the global DataContext is left alone; 0 turns it off."""
+    import time
+
+    import ray
+
+    from diffusioninst.data.ray_ingest import build_ray_dataset
+    from diffusioninst.data.ray_pacing import MIN_STEP_KEY, PacedSchedulingLoop
+
+    starts: list[float] = []
+    step_ends: list[float] = []
+    run_start, run_step = PacedSchedulingLoop.before_execution_starts, PacedSchedulingLoop.on_execution_step
+
+    def recording_start(self, executor):
+        run_start(self, executor)
+        starts.append(self.min_step_s)
+
+    def recording_step(self, executor):
+        run_step(self, executor)
+        step_ends.append(time.perf_counter())
+
+    monkeypatch.setattr(PacedSchedulingLoop, "before_execution_starts", recording_start)
+    monkeypatch.setattr(PacedSchedulingLoop, "on_execution_step", recording_step)
+
+    global_callbacks = list(ray.data.DataContext.get_current().custom_execution_callback_classes)
+    cfg = small_experiment(tmp_path, "data.ray_scheduling_period_ms=40")
+    ds = build_ray_dataset(cfg, "train")
+    assert PacedSchedulingLoop in ds.context.custom_execution_callback_classes
+    assert ds.context.get_config(MIN_STEP_KEY) == pytest.approx(0.04)
+    assert ray.data.DataContext.get_current().custom_execution_callback_classes == global_callbacks
+    assert sorted(r["image_id"] for r in ds.select_columns(["image_id"]).take_all()) == list(range(1, 25))
+    assert starts == [pytest.approx(0.04)]  # this execution ran in the driver, with our period
+    gaps = [b - a for a, b in zip(step_ends, step_ends[1:])]
+    assert gaps and min(gaps) >= 0.04 - 1e-3, gaps
+
+    off = build_ray_dataset(small_experiment(tmp_path, "data.ray_scheduling_period_ms=0"), "train")
+    assert PacedSchedulingLoop not in off.context.custom_execution_callback_classes
