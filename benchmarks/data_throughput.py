@@ -7,7 +7,8 @@ resizes them to a 480..800 shortest edge), then measures images/s of
   ``diffusioninst.data.preprocess`` on a local Ray with 1 and 2 CPUs (cold = first run, warm = rerun);
 * training ingest: a plain single-process loop vs the local torch DataLoader (``data.decode_workers`` = 1, 2)
   vs Ray Data (Parquet shards -> ``streaming_split`` -> ``iter_torch_batches(collate_fn=RayTrainCollate)``
-  in 1 or 2 consumer processes, as Ray Train workers consume them).
+  in 1 or 2 consumer processes, as Ray Train workers consume them), with the split cached in Ray's object
+  store (``data.ray_cache_mb``, the default for a split this small) and re-read from Parquet every epoch.
 
 Every worker runs with one thread (cv2.setNumThreads(1), torch.set_num_threads(1)). Writes JSON:
 
@@ -180,8 +181,11 @@ def _consume(iterator, aug, epochs: int) -> tuple[float, float, int, float]:
     return start, time.time(), n, time.process_time() - cpu
 
 
-def ray_ingest(cfg: ExperimentConfig, shards: Path, consumers: int, epochs: int = 3) -> dict[str, float]:
-    """Consumers as Ray Train workers; CPU time counts the consumer processes (not Ray's read tasks)."""
+def ray_ingest(
+    cfg: ExperimentConfig, shards: Path, consumers: int, epochs: int = 3, cache_mb: int | None = None
+) -> dict[str, float]:
+    """Consumers as Ray Train workers; CPU time counts the consumer processes (not Ray's read tasks).
+    ``cache_mb``: ``data.ray_cache_mb`` (default: the config's, which caches these shards)."""
     import ray
 
     from diffusioninst.data.ray_ingest import build_ray_dataset
@@ -192,6 +196,8 @@ def ray_ingest(cfg: ExperimentConfig, shards: Path, consumers: int, epochs: int 
         pcfg = bench_config(Path(cfg.data.synthetic.root), cfg.data.synthetic.num_train)
         pcfg.data.format, pcfg.data.train.parquet = "parquet", str(shards)
         pcfg.data.val.parquet = str(shards)
+        if cache_mb is not None:
+            pcfg.data.ray_cache_mb = cache_mb
         splits = build_ray_dataset(pcfg, "train").streaming_split(consumers, equal=True)
         task = ray.remote(num_cpus=2 / consumers * 0.5)(_consume)  # leave CPU for the Parquet reads
         out = ray.get([task.remote(s, pcfg.data.augmentation, epochs) for s in splits])
@@ -233,6 +239,8 @@ def main(argv: list[str] | None = None) -> int:
         )
     for consumers in (1, 2):
         ing[f"ray_data_{consumers}_consumers"] = ray_ingest(cfg, work / "shards_2", consumers)
+        # the same with the split re-read from Parquet every epoch (what a split over data.ray_cache_mb does)
+        ing[f"ray_data_{consumers}_consumers_reread"] = ray_ingest(cfg, work / "shards_2", consumers, cache_mb=0)
     ing["load_avg_after"] = load()
 
     def rate(key: str) -> float:
@@ -242,6 +250,8 @@ def main(argv: list[str] | None = None) -> int:
     ing["dataloader_1_vs_plain"] = rate("torch_dataloader_1_workers") / rate("plain_loop_1_process_pil")
     ing["ray_scaling_2_vs_1"] = rate("ray_data_2_consumers") / rate("ray_data_1_consumers")
     ing["ray_1_vs_plain"] = rate("ray_data_1_consumers") / rate("plain_loop_1_process_pil")
+    ing["ray_2_vs_plain"] = rate("ray_data_2_consumers") / rate("plain_loop_1_process_pil")
+    ing["ray_reread_scaling_2_vs_1"] = rate("ray_data_2_consumers_reread") / rate("ray_data_1_consumers_reread")
     results["train_ingest_images_per_s"] = ing
     results["environment"] = {
         "cpus": os.cpu_count(),

@@ -352,6 +352,12 @@ class DataConfig:
     )
     decode_workers: int = option(1, min=0, help="CPU workers for decoding/augmentation per training worker")
     prefetch_batches: int = option(2, min=0, help="batches prefetched by the loader")
+    ray_cache_mb: int = option(
+        512,
+        min=0,
+        help="Ray Data ingest: read a training split whose files total at most this many MiB into Ray's object "
+        "store once instead of every epoch (0 = re-read every epoch)",
+    )
     ray_scheduling_period_ms: float = option(
         10.0,
         min=0.0,

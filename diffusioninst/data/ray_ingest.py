@@ -17,15 +17,17 @@ sequences/mappings of tensors) are moved to the device by Ray. :class:`RayTrainC
 
 Augmentation is seeded per sample by ``(seed, epoch, image_id, repeat_index)`` (same rule as the local
 loader), so it does not depend on which worker or thread collates a row. The row order itself comes from
-Ray Data's streaming split (Parquet file order reshuffled every epoch with a reproducible seed, plus a
-local shuffle buffer); it is not bit-reproducible across runs, by design of streaming execution.
+Ray Data's streaming split (Parquet file order, or for a split cached in the object store its block order,
+reshuffled every epoch with a reproducible seed, plus a local shuffle buffer); it is not bit-reproducible
+across runs, by design of streaming execution.
 """
 
 from __future__ import annotations
 
 import itertools
+import os
 import pickle
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -72,13 +74,36 @@ def read_parquet_v1(paths: list[str], **kwargs):
         ctx.use_datasource_v2 = previous
 
 
+def files_fit_in_cache(limit_mb: float, paths: Iterable[str]) -> bool:
+    """:func:`fits_in_cache` for files; a file whose size cannot be read (not a local path) never fits."""
+    try:
+        return fits_in_cache(limit_mb, (os.path.getsize(p) for p in paths))
+    except OSError:
+        return False
+
+
+def fits_in_cache(limit_mb: float, sizes: Iterable[int]) -> bool:
+    """Whether files of these sizes (bytes) total at most ``limit_mb`` MiB; ``limit_mb <= 0``: never."""
+    limit, total = limit_mb * 2**20, 0
+    if limit <= 0:
+        return False
+    for n in sizes:
+        total += n
+        if total > limit:
+            return False
+    return True
+
+
 def build_ray_dataset(cfg: ExperimentConfig, split: str = "train"):
     """A ``ray.data.Dataset`` of Parquet-schema rows (see :mod:`diffusioninst.data.parquet`) for ``split``.
 
     Reads ``data.<split>.parquet`` shards when set; otherwise validates the COCO/LVIS/synthetic split on
     the driver and reads the image files in Ray tasks (fine for small data; preprocess large datasets).
-    For training, ``data.filter_empty`` and ``data.repeat_factor_threshold`` are applied here. Its scheduling
-    loop is paced (``data.ray_scheduling_period_ms``, :mod:`diffusioninst.data.ray_pacing`).
+    For training, ``data.filter_empty`` and ``data.repeat_factor_threshold`` are applied here, and a split
+    whose files total at most ``data.ray_cache_mb`` MiB is read once, here, into Ray's object store
+    (``materialize``) instead of once per epoch; its block order is reshuffled every epoch, as the file
+    order of an uncached split is. The scheduling loop is paced (``data.ray_scheduling_period_ms``,
+    :mod:`diffusioninst.data.ray_pacing`).
     """
     import ray
 
@@ -88,10 +113,14 @@ def build_ray_dataset(cfg: ExperimentConfig, split: str = "train"):
     cfg = ensure_dataset(cfg)
     s = getattr(cfg.data, split)
     train = split == "train"
+    reshuffle = ray.data.RandomSeedConfig(cfg.solver.seed, reseed_after_execution=True)
     if s.parquet is not None:
-        # file order reshuffled every epoch (streaming-friendly, unlike a block-order barrier)
-        shuffle = ray.data.FileShuffleConfig(seed=cfg.solver.seed, reseed_after_execution=True) if train else None
         paths = shard_paths(s.parquet)
+        cached = train and files_fit_in_cache(cfg.data.ray_cache_mb, paths)
+        # file order reshuffled every epoch (streaming-friendly, unlike a block-order barrier); a cached split
+        # reshuffles its blocks instead (below)
+        reshuffle_files = ray.data.FileShuffleConfig(seed=cfg.solver.seed, reseed_after_execution=True)
+        shuffle = reshuffle_files if train and not cached else None
         ds = read_parquet_v1(paths, shuffle=shuffle)
         if s.max_images is not None:  # the N smallest image ids, as every other reader does
             ids = pa.concat_arrays([pq.read_table(p, columns=["image_id"]).column(0).combine_chunks() for p in paths])
@@ -103,13 +132,16 @@ def build_ray_dataset(cfg: ExperimentConfig, split: str = "train"):
     else:
         data = load_split(cfg, split, check_files="header")
         records = data.records
+        cached = train and files_fit_in_cache(cfg.data.ray_cache_mb, (r.file_name for r in records))
         chunk = 32
         payloads = [{"payload": pickle.dumps(records[i : i + chunk])} for i in range(0, len(records), chunk)]
         ds = ray.data.from_items(payloads, override_num_blocks=max(1, len(payloads)))
-        if train:  # small data: reshuffle the chunk order every epoch, reproducibly
-            ds = ds.randomize_block_order(seed=ray.data.RandomSeedConfig(cfg.solver.seed, reseed_after_execution=True))
+        if train and not cached:  # small data: reshuffle the chunk order every epoch, reproducibly
+            ds = ds.randomize_block_order(seed=reshuffle)
         ds = ds.map_batches(encode_payload_batch, batch_size=1)
         image_count, num_images = data.meta.image_count, len(records)
+    if cached:  # read (and encode) once into the object store; every epoch reshuffles the blocks
+        ds = ds.materialize().randomize_block_order(seed=reshuffle)
     ds = pace_scheduling_loop(ds, cfg.data.ray_scheduling_period_ms / 1e3)
     if not train:
         return ds

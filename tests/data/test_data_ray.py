@@ -114,6 +114,16 @@ def test_preprocess_policies_schema_rerun_and_resume(ray_cluster, tmp_path):
     assert {p.name: p.read_bytes() for p in out.glob("part-*.parquet")} == before
 
 
+def _plan_ops(ds) -> list[str]:
+    """Names of the logical operators behind ``ds``, output first."""
+    ops, todo = [], [ds._logical_plan.dag]
+    while todo:
+        op = todo.pop()
+        ops.append(op.name)
+        todo.extend(op.input_dependencies)
+    return ops
+
+
 def test_parquet_split_feeds_local_and_ray_loaders(ray_cluster, tmp_path):
     """The synthetic train split preprocessed to Parquet gives the same records locally and through Ray Data."""
     from diffusioninst.data.loaders import build_train_loader, ensure_dataset, load_split
@@ -134,7 +144,14 @@ def test_parquet_split_feeds_local_and_ray_loaders(ray_cluster, tmp_path):
     import ray
 
     v2_default = getattr(ray.data.DataContext.get_current(), "use_datasource_v2", None)
-    ds = build_ray_dataset(pcfg, "train")
+    ds = build_ray_dataset(pcfg, "train")  # the 24 images fit the default data.ray_cache_mb: read once, here
+    ops = _plan_ops(ds)  # e.g. RandomizeBlockOrder <- InputData (the materialized blocks): no read per epoch
+    assert "RandomizeBlockOrder" in ops and not any("Read" in n for n in ops), ops
+    epochs = [[r["image_id"] for r in ds.select_columns(["image_id"]).iter_rows()] for _ in range(2)]
+    assert sorted(epochs[0]) == sorted(epochs[1]) == list(range(1, 25)) and epochs[0] != epochs[1]  # reshuffled
+    ucfg = small_experiment(tmp_path, "data.format=parquet", f"data.train.parquet={tmp_path / 'pq'}",
+                            f"data.val.parquet={tmp_path / 'pq'}", "data.ray_cache_mb=0")  # fmt: skip
+    ds = build_ray_dataset(ucfg, "train")  # re-read every epoch
     seen = []
     for b in ds.iter_torch_batches(batch_size=4, collate_fn=collate):
         seen += b.image_ids
@@ -143,11 +160,7 @@ def test_parquet_split_feeds_local_and_ray_loaders(ray_cluster, tmp_path):
     assert sorted(seen) == list(range(1, 25))
     # read through the V1 Parquet datasource (V2 starts and kills footer-reader actors on every epoch's
     # execution), leaving Ray Data's global default alone
-    ops, todo = [], [ds._logical_plan.dag]
-    while todo:
-        op = todo.pop()
-        ops.append(op.name)
-        todo.extend(op.input_dependencies)
+    ops = _plan_ops(ds)
     assert "ReadParquet" in ops and not any("ListFiles" in n or "V2" in n for n in ops), ops
     assert getattr(ray.data.DataContext.get_current(), "use_datasource_v2", None) == v2_default
     # same per-sample augmentation rule as the local loader: image 5 at epoch 0 is identical on both paths

@@ -1,4 +1,5 @@
-"""The paced Ray Data scheduling loop: the callback's timing rule on a fake clock (no Ray needed)."""
+"""Ray Data ingest options without a Ray cluster: the paced scheduling loop's timing rule on a fake clock,
+and the object-store cache's size rule."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ from types import SimpleNamespace
 
 import pytest
 
+from diffusioninst.data.ray_ingest import files_fit_in_cache, fits_in_cache
 from diffusioninst.data.ray_pacing import DEFAULT_MIN_STEP_S, MIN_STEP_KEY, PacedSchedulingLoop
 
 
@@ -66,3 +68,29 @@ def test_each_execution_starts_afresh_and_reads_its_own_period():
     t.now += 0.002
     cb.on_execution_step(None)
     assert t.sleeps == [pytest.approx(DEFAULT_MIN_STEP_S - 0.002)]
+
+
+def test_cache_limit_is_inclusive_in_mebibytes_and_zero_turns_it_off():
+    mib = 2**20
+    assert fits_in_cache(1, [mib // 2, mib // 2])  # exactly 1 MiB
+    assert not fits_in_cache(1, [mib // 2, mib // 2, 1])
+    assert fits_in_cache(0.5, [])  # an empty split fits any positive limit
+    assert not fits_in_cache(0, [])
+    assert not fits_in_cache(0, [1])
+    seen = []
+
+    def sizes():
+        for n in (mib, mib, mib, mib):
+            seen.append(n)
+            yield n
+
+    assert not fits_in_cache(1.5, sizes()) and len(seen) == 2  # stops at the first size over the limit
+
+
+def test_files_fit_by_their_sizes_on_disk_and_unreadable_ones_never_fit(tmp_path):
+    a, b = tmp_path / "a.parquet", tmp_path / "b.parquet"
+    a.write_bytes(b"x" * 600_000)
+    b.write_bytes(b"x" * 600_000)
+    assert files_fit_in_cache(2, [str(a), str(b)])
+    assert not files_fit_in_cache(1, [str(a), str(b)])  # 1.14 MiB
+    assert not files_fit_in_cache(2, [str(a), str(tmp_path / "missing.parquet")])
