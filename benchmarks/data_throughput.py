@@ -212,6 +212,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--num-images", type=int, default=600, help="synthetic 480x640 images (default 600)")
     parser.add_argument("--root", default=None, help="synthetic cache folder (default: a temporary folder)")
     parser.add_argument("--out", default="benchmarks/results/data_throughput.json")
+    parser.add_argument(
+        "--epochs", type=int, default=6, help="timed epochs per ingest measurement (Ray: after one warm-up epoch)"
+    )
     args = parser.parse_args(argv)
     single_thread()
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
@@ -219,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
     from diffusioninst.data.loaders import ensure_dataset
 
     cfg = ensure_dataset(bench_config(work, args.num_images))
-    results: dict = {"num_images": args.num_images, "image_size_hw": [480, 640]}
+    results: dict = {"num_images": args.num_images, "image_size_hw": [480, 640], "timed_epochs": args.epochs}
 
     pre: dict = {"load_avg_before": load(), "plain_loop_1_process": plain_preprocess(cfg, work / "plain_shards")}
     for cpus in (1, 2):
@@ -232,15 +235,17 @@ def main(argv: list[str] | None = None) -> int:
     ing: dict = {"load_avg_before": load()}
     for backend in ("pil", "cv2"):
         c = ensure_dataset(bench_config(work, args.num_images, 0, backend))
-        ing[f"plain_loop_1_process_{backend}"] = plain_ingest(c)
+        ing[f"plain_loop_1_process_{backend}"] = plain_ingest(c, args.epochs)
     for workers in (1, 2):
         ing[f"torch_dataloader_{workers}_workers"] = dataloader_ingest(
             ensure_dataset(bench_config(work, args.num_images, workers)), batches=100
         )
     for consumers in (1, 2):
-        ing[f"ray_data_{consumers}_consumers"] = ray_ingest(cfg, work / "shards_2", consumers)
+        ing[f"ray_data_{consumers}_consumers"] = ray_ingest(cfg, work / "shards_2", consumers, 1 + args.epochs)
         # the same with the split re-read from Parquet every epoch (what a split over data.ray_cache_mb does)
-        ing[f"ray_data_{consumers}_consumers_reread"] = ray_ingest(cfg, work / "shards_2", consumers, cache_mb=0)
+        ing[f"ray_data_{consumers}_consumers_reread"] = ray_ingest(
+            cfg, work / "shards_2", consumers, 1 + args.epochs, cache_mb=0
+        )
     ing["load_avg_after"] = load()
 
     def rate(key: str) -> float:
