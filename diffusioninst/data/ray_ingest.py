@@ -140,14 +140,14 @@ def build_ray_dataset(cfg: ExperimentConfig, split: str = "train"):
             ds = ds.randomize_block_order(seed=reshuffle)
         ds = ds.map_batches(encode_payload_batch, batch_size=1)
         image_count, num_images = data.meta.image_count, len(records)
+    if train and cfg.data.filter_empty:  # deterministic: before the cache, so a cached split filters once
+        ds = ds.map_batches(drop_empty_batch, batch_format="pyarrow", batch_size=None)
     if cached:  # read (and encode) once into the object store; every epoch reshuffles the blocks
         ds = ds.materialize().randomize_block_order(seed=reshuffle)
     ds = pace_scheduling_loop(ds, cfg.data.ray_scheduling_period_ms / 1e3)
     if not train:
         return ds
-    if cfg.data.filter_empty:
-        ds = ds.map_batches(drop_empty_batch, batch_format="pyarrow", batch_size=None)
-    if cfg.data.repeat_factor_threshold > 0:
+    if cfg.data.repeat_factor_threshold > 0:  # drawn anew every epoch: after the cache
         factors = class_repeat_factors(image_count, num_images, cfg.data.repeat_factor_threshold)
         ds = ds.map_batches(repeat_rows_batch, batch_format="pyarrow", batch_size=None, fn_args=(factors,))
     return ds

@@ -273,3 +273,22 @@ def test_ray_ingest_paces_its_scheduling_loop(ray_cluster, tmp_path, monkeypatch
 
     off = build_ray_dataset(small_experiment(tmp_path, "data.ray_scheduling_period_ms=0"), "train")
     assert PacedSchedulingLoop not in off.context.custom_execution_callback_classes
+
+
+def test_filter_empty_runs_once_before_the_cache(ray_cluster, tmp_path):
+    """data.filter_empty drops the images without instances; on a cached split the filter runs once, before
+    the cache, not in every epoch's execution."""
+    from diffusioninst.data.loaders import load_split
+    from diffusioninst.data.ray_ingest import build_ray_dataset
+
+    sparse = ("data.synthetic.min_instances=0", "data.synthetic.max_instances=1")
+    records = load_split(small_experiment(tmp_path, *sparse)).records
+    nonempty = sorted(r.image_id for r in records if r.training_instances())
+    assert 0 < len(nonempty) < len(records)
+    ds = build_ray_dataset(small_experiment(tmp_path, *sparse, "data.filter_empty=true"), "train")
+    assert not any("drop_empty" in n for n in _plan_ops(ds)), _plan_ops(ds)  # already applied, in the cache
+    for _ in range(2):
+        assert sorted(r["image_id"] for r in ds.select_columns(["image_id"]).iter_rows()) == nonempty
+    unc = build_ray_dataset(small_experiment(tmp_path, *sparse, "data.filter_empty=true", "data.ray_cache_mb=0"))
+    assert any("drop_empty" in n for n in _plan_ops(unc))  # re-read splits filter every epoch
+    assert sorted(r["image_id"] for r in unc.select_columns(["image_id"]).iter_rows()) == nonempty
