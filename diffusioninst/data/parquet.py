@@ -120,12 +120,6 @@ def row_to_record(row: dict[str, Any]) -> ImageRecord:
     )
 
 
-def batch_rows(batch: dict[str, np.ndarray]) -> list[dict[str, Any]]:
-    """Rows of a Ray Data numpy batch (dict of equally long arrays)."""
-    n = len(next(iter(batch.values())))
-    return [{k: v[i] for k, v in batch.items()} for i in range(n)]
-
-
 def read_manifest(folder: str | Path) -> dict[str, Any]:
     path = Path(folder) / MANIFEST
     if not path.is_file():

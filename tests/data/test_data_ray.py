@@ -170,7 +170,7 @@ def test_parquet_split_feeds_local_and_ray_loaders(ray_cluster, tmp_path):
     local_ds = TrainDataset(parquet.records, pcfg.data.augmentation, 1, parquet.blobs)
     k = [r.image_id for r in parquet.records].index(5)
     img, target = local_ds[(k, augmentation_seed(1, 0, 5))]
-    one = next(iter(ds.filter(lambda r: r["image_id"] == 5).iter_batches(batch_size=1, batch_format="numpy")))
+    one = next(iter(ds.filter(lambda r: r["image_id"] == 5).iter_batches(batch_size=1, batch_format="pyarrow")))
     ray_batch = collate(one)
     assert (ray_batch.images[0, :, : img.shape[1], : img.shape[2]] == img).all()
     assert (ray_batch.targets[0]["masks"] == target["masks"]).all()
