@@ -174,6 +174,20 @@ def test_parquet_split_feeds_local_and_ray_loaders(ray_cluster, tmp_path):
     ray_batch = collate(one)
     assert (ray_batch.images[0, :, : img.shape[1], : img.shape[2]] == img).all()
     assert (ray_batch.targets[0]["masks"] == target["masks"]).all()
+    # the training iterator (whole blocks, its own shuffle buffer, collated in a background thread): every
+    # image once per epoch, a new order each epoch, and the same sample for image 5 at epoch 0
+    from diffusioninst.data.loaders import per_rank_batch_size
+    from diffusioninst.data.ray_ingest import iter_train_batches
+
+    assert pcfg.data.prefetch_batches > 0
+    per_epoch = 24 // per_rank_batch_size(pcfg, 1)
+    batches = list(iter_train_batches(ds, pcfg, world_size=1, seed=1, epochs=2))
+    assert len(batches) == 2 * per_epoch
+    orders = [[i for b in batches[e * per_epoch : (e + 1) * per_epoch] for i in b.image_ids] for e in (0, 1)]
+    assert sorted(orders[0]) == sorted(orders[1]) == list(range(1, 25)) and orders[0] != orders[1]
+    b, j = next((b, b.image_ids.index(5)) for b in batches[:per_epoch] if 5 in b.image_ids)
+    assert (b.images[j, :, : img.shape[1], : img.shape[2]] == img).all()
+    assert (b.targets[j]["masks"] == target["masks"]).all()
     # max_images keeps the smallest ids; repeat-factor sampling repeats rows (t = 4: r = sqrt(4 / f) >= 2)
     rcfg = small_experiment(tmp_path, "data.format=parquet", f"data.train.parquet={tmp_path / 'pq'}",
                             f"data.val.parquet={tmp_path / 'pq'}", "data.train.max_images=6",
