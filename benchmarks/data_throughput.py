@@ -6,9 +6,10 @@ resizes them to a 480..800 shortest edge), then measures images/s of
 * preprocessing: a plain single-process loop (decode-validate + RLE + Parquet write) vs
   ``diffusioninst.data.preprocess`` on a local Ray with 1 and 2 CPUs (cold = first run, warm = rerun);
 * training ingest: a plain single-process loop vs the local torch DataLoader (``data.decode_workers`` = 1, 2)
-  vs Ray Data (Parquet shards -> ``streaming_split`` -> ``iter_torch_batches(collate_fn=RayTrainCollate)``
-  in 1 or 2 consumer processes, as Ray Train workers consume them), with the split cached in Ray's object
-  store (``data.ray_cache_mb``, the default for a split this small) and re-read from Parquet every epoch.
+  vs Ray Data (Parquet shards -> ``streaming_split`` -> ``iter_train_batches``, collating inline like the
+  plain loop, and for 1 consumer also one batch ahead in its background thread, in 1 or 2 consumer
+  processes, as Ray Train workers consume them), with the split cached in Ray's object store
+  (``data.ray_cache_mb``, the default for a split this small) and re-read from Parquet every epoch.
 
 Every worker runs with one thread (cv2.setNumThreads(1), torch.set_num_threads(1)). Writes JSON:
 
@@ -165,27 +166,33 @@ def dataloader_ingest(cfg: ExperimentConfig, batches: int, warmup: int = 5) -> d
     return {"images_per_s": batches * 4 / wall, "cpu_ms_per_image": 1e3 * cpu / (batches * 4)}
 
 
-def _consume(iterator, aug, epochs: int) -> tuple[float, float, int, float]:
-    """One consumer (as a Ray Train worker): epoch 0 warms up, later epochs are timed."""
-    from diffusioninst.data.ray_ingest import RayTrainCollate
+def _consume(iterator, cfg: ExperimentConfig, consumers: int, epochs: int) -> tuple[float, float, int, float]:
+    """One consumer (as a Ray Train worker) running the training iterator, ``iter_train_batches``: epoch 0
+    warms up, later epochs are timed."""
+    from diffusioninst.data.loaders import per_rank_batch_size
+    from diffusioninst.data.ray_ingest import iter_train_batches
 
     single_thread()
-    fn = RayTrainCollate(aug, 32, seed=0)
+    warm = (cfg.data.synthetic.num_train // consumers) // per_rank_batch_size(cfg, consumers)  # batches of epoch 0
     start, cpu, n = None, 0.0, 0
-    for epoch in range(epochs):
-        fn.set_epoch(epoch)
-        if epoch == 1:
+    for k, batch in enumerate(iter_train_batches(iterator, cfg, consumers, seed=0, epochs=epochs)):
+        if k == warm:
             start, cpu = time.time(), time.process_time()
-        for batch in iterator.iter_torch_batches(batch_size=4, collate_fn=fn, prefetch_batches=1, drop_last=True):
-            n += len(batch) if epoch >= 1 else 0
+        n += len(batch) if k >= warm else 0
     return start, time.time(), n, time.process_time() - cpu
 
 
 def ray_ingest(
-    cfg: ExperimentConfig, shards: Path, consumers: int, epochs: int = 3, cache_mb: int | None = None
+    cfg: ExperimentConfig,
+    shards: Path,
+    consumers: int,
+    epochs: int = 3,
+    cache_mb: int | None = None,
+    prefetch_batches: int = 0,
 ) -> dict[str, float]:
     """Consumers as Ray Train workers; CPU time counts the consumer processes (not Ray's read tasks).
-    ``cache_mb``: ``data.ray_cache_mb`` (default: the config's, which caches these shards)."""
+    ``cache_mb``: ``data.ray_cache_mb`` (default: the config's, which caches these shards).
+    ``prefetch_batches``: ``data.prefetch_batches``; 0 (default) collates inline, as the plain loop does."""
     import ray
 
     from diffusioninst.data.ray_ingest import build_ray_dataset
@@ -196,11 +203,13 @@ def ray_ingest(
         pcfg = bench_config(Path(cfg.data.synthetic.root), cfg.data.synthetic.num_train)
         pcfg.data.format, pcfg.data.train.parquet = "parquet", str(shards)
         pcfg.data.val.parquet = str(shards)
+        pcfg.data.prefetch_batches = prefetch_batches
+        pcfg.solver.ims_per_batch = 4 * consumers  # batches of 4 per consumer
         if cache_mb is not None:
             pcfg.data.ray_cache_mb = cache_mb
         splits = build_ray_dataset(pcfg, "train").streaming_split(consumers, equal=True)
         task = ray.remote(num_cpus=2 / consumers * 0.5)(_consume)  # leave CPU for the Parquet reads
-        out = ray.get([task.remote(s, pcfg.data.augmentation, epochs) for s in splits])
+        out = ray.get([task.remote(s, pcfg, consumers, epochs) for s in splits])
     finally:
         ray.shutdown()
     start, end, n = min(o[0] for o in out), max(o[1] for o in out), sum(o[2] for o in out)
@@ -233,16 +242,24 @@ def main(argv: list[str] | None = None) -> int:
     results["preprocess_images_per_s"] = pre
 
     ing: dict = {"load_avg_before": load()}
-    for backend in ("pil", "cv2"):
-        c = ensure_dataset(bench_config(work, args.num_images, 0, backend))
-        ing[f"plain_loop_1_process_{backend}"] = plain_ingest(c, args.epochs)
     for workers in (1, 2):
         ing[f"torch_dataloader_{workers}_workers"] = dataloader_ingest(
             ensure_dataset(bench_config(work, args.num_images, workers)), batches=100
         )
+    for backend in ("cv2", "pil"):
+        c = ensure_dataset(bench_config(work, args.num_images, 0, backend))
+        ing[f"plain_loop_1_process_{backend}"] = plain_ingest(c, args.epochs)
+    # the host's speed drifts by +-10% over minutes: the cached 1- and 2-consumer runs come back to back, right
+    # after the plain loop (PIL), which runs again after them; the Ray-vs-plain ratios use the mean of both
     for consumers in (1, 2):
         ing[f"ray_data_{consumers}_consumers"] = ray_ingest(cfg, work / "shards_2", consumers, 1 + args.epochs)
-        # the same with the split re-read from Parquet every epoch (what a split over data.ray_cache_mb does)
+    # collating one batch ahead in the consumer's background thread, as training with data.prefetch_batches > 0
+    ing["ray_data_1_consumers_prefetch1"] = ray_ingest(cfg, work / "shards_2", 1, 1 + args.epochs, prefetch_batches=1)
+    ing["plain_loop_1_process_pil_after_ray"] = plain_ingest(
+        ensure_dataset(bench_config(work, args.num_images, 0, "pil")), args.epochs
+    )
+    # the same with the split re-read from Parquet every epoch (what a split over data.ray_cache_mb does)
+    for consumers in (1, 2):
         ing[f"ray_data_{consumers}_consumers_reread"] = ray_ingest(
             cfg, work / "shards_2", consumers, 1 + args.epochs, cache_mb=0
         )
@@ -254,8 +271,10 @@ def main(argv: list[str] | None = None) -> int:
     ing["dataloader_scaling_2_vs_1"] = rate("torch_dataloader_2_workers") / rate("torch_dataloader_1_workers")
     ing["dataloader_1_vs_plain"] = rate("torch_dataloader_1_workers") / rate("plain_loop_1_process_pil")
     ing["ray_scaling_2_vs_1"] = rate("ray_data_2_consumers") / rate("ray_data_1_consumers")
-    ing["ray_1_vs_plain"] = rate("ray_data_1_consumers") / rate("plain_loop_1_process_pil")
-    ing["ray_2_vs_plain"] = rate("ray_data_2_consumers") / rate("plain_loop_1_process_pil")
+    plain = (rate("plain_loop_1_process_pil") + rate("plain_loop_1_process_pil_after_ray")) / 2
+    ing["ray_1_vs_plain"] = rate("ray_data_1_consumers") / plain  # against the plain loop before and after
+    ing["ray_2_vs_plain"] = rate("ray_data_2_consumers") / plain
+    ing["ray_1_prefetch1_vs_plain"] = rate("ray_data_1_consumers_prefetch1") / plain
     ing["ray_reread_scaling_2_vs_1"] = rate("ray_data_2_consumers_reread") / rate("ray_data_1_consumers_reread")
     results["train_ingest_images_per_s"] = ing
     results["environment"] = {
