@@ -246,8 +246,10 @@ def main(argv: list[str] | None = None) -> int:
         ing[f"torch_dataloader_{workers}_workers"] = dataloader_ingest(
             ensure_dataset(bench_config(work, args.num_images, workers)), batches=100
         )
-    for backend in ("cv2", "pil"):
-        c = ensure_dataset(bench_config(work, args.num_images, 0, backend))
+    plain_cfgs = {
+        backend: ensure_dataset(bench_config(work, args.num_images, 0, backend)) for backend in ("cv2", "pil")
+    }
+    for backend, c in plain_cfgs.items():
         ing[f"plain_loop_1_process_{backend}"] = plain_ingest(c, args.epochs)
     # the host's speed drifts by +-10% over minutes: the cached 1- and 2-consumer runs come back to back, right
     # after the plain loop (PIL), which runs again after them; the Ray-vs-plain ratios use the mean of both
@@ -255,9 +257,7 @@ def main(argv: list[str] | None = None) -> int:
         ing[f"ray_data_{consumers}_consumers"] = ray_ingest(cfg, work / "shards_2", consumers, 1 + args.epochs)
     # collating one batch ahead in the consumer's background thread, as training with data.prefetch_batches > 0
     ing["ray_data_1_consumers_prefetch1"] = ray_ingest(cfg, work / "shards_2", 1, 1 + args.epochs, prefetch_batches=1)
-    ing["plain_loop_1_process_pil_after_ray"] = plain_ingest(
-        ensure_dataset(bench_config(work, args.num_images, 0, "pil")), args.epochs
-    )
+    ing["plain_loop_1_process_pil_after_ray"] = plain_ingest(plain_cfgs["pil"], args.epochs)
     # the same with the split re-read from Parquet every epoch (what a split over data.ray_cache_mb does)
     for consumers in (1, 2):
         ing[f"ray_data_{consumers}_consumers_reread"] = ray_ingest(
