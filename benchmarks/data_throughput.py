@@ -6,12 +6,14 @@ resizes them to a 480..800 shortest edge), then measures images/s of
 * preprocessing: a plain single-process loop (decode-validate + RLE + Parquet write) vs
   ``diffusioninst.data.preprocess`` on a local Ray with 1 and 2 CPUs (cold = first run, warm = rerun);
 * training ingest: a plain single-process loop vs the local torch DataLoader (``data.decode_workers`` = 1, 2)
-  vs Ray Data (Parquet shards -> ``streaming_split`` -> ``iter_train_batches``, collating inline like the
-  plain loop, and for 1 consumer also one batch ahead in its background thread, in 1 or 2 consumer
-  processes, as Ray Train workers consume them), with the split cached in Ray's object store
-  (``data.ray_cache_mb``, the default for a split this small) and re-read from Parquet every epoch.
+  vs Ray Data (Parquet shards -> the shards ``PartitionedTrainConfig`` hands to Ray Train workers ->
+  ``iter_train_batches``, collating inline like the plain loop, and for 1 consumer also one batch ahead in
+  its background thread, in 1 or 2 consumer processes), with the split cached in Ray's object store
+  (``data.ray_cache_mb``, the default for a split this small: each consumer draws its own blocks every
+  epoch) and re-read from Parquet every epoch (``streaming_split``).
 
-Every worker runs with one thread (cv2.setNumThreads(1), torch.set_num_threads(1)). Writes JSON:
+Every worker runs with one thread (cv2.setNumThreads(1), torch.set_num_threads(1)); the plain loops and the Ray
+consumers keep freed memory for reuse, as training processes do (``host.keep_freed_memory``). Writes JSON:
 
     python benchmarks/data_throughput.py --out benchmarks/results/data_throughput.json
 """
@@ -22,6 +24,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import sys
 import tempfile
 import time
@@ -36,6 +39,7 @@ from host_info import cpu_model
 
 from diffusioninst.config import ExperimentConfig, load_config
 from diffusioninst.data.preprocess import local_runtime_env
+from diffusioninst.engine.host import keep_freed_memory
 
 
 def proc_cpu_seconds(pid: int) -> float:
@@ -43,6 +47,10 @@ def proc_cpu_seconds(pid: int) -> float:
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def minor_faults() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
 def load() -> float:
@@ -136,7 +144,7 @@ def plain_ingest(cfg: ExperimentConfig, epochs: int = 2) -> dict[str, float]:
 
     data = load_split(cfg, "train", check_files="none")
     blobs = [Path(r.file_name).read_bytes() for r in data.records]
-    t, c, n = time.perf_counter(), time.process_time(), 0
+    t, c, n, f = time.perf_counter(), time.process_time(), 0, minor_faults()
     for epoch in range(epochs):
         samples = []
         for rec, blob in zip(data.records, blobs):
@@ -145,7 +153,11 @@ def plain_ingest(cfg: ExperimentConfig, epochs: int = 2) -> dict[str, float]:
             if len(samples) == 4:
                 collate(samples, 32)
                 n, samples = n + 4, []
-    return {"images_per_s": n / (time.perf_counter() - t), "cpu_ms_per_image": 1e3 * (time.process_time() - c) / n}
+    return {
+        "images_per_s": n / (time.perf_counter() - t),
+        "cpu_ms_per_image": 1e3 * (time.process_time() - c) / n,
+        "minor_faults_per_image": (minor_faults() - f) / n,
+    }
 
 
 def dataloader_ingest(cfg: ExperimentConfig, batches: int, warmup: int = 5) -> dict[str, float]:
@@ -173,13 +185,14 @@ def _consume(iterator, cfg: ExperimentConfig, consumers: int, epochs: int) -> tu
     from diffusioninst.data.ray_ingest import iter_train_batches
 
     single_thread()
+    keep_freed_memory(cfg.host.keep_freed_memory)  # as a Train worker does
     warm = (cfg.data.synthetic.num_train // consumers) // per_rank_batch_size(cfg, consumers)  # batches of epoch 0
-    start, cpu, n = None, 0.0, 0
+    start, cpu, n, faults = None, 0.0, 0, 0
     for k, batch in enumerate(iter_train_batches(iterator, cfg, consumers, seed=0, epochs=epochs)):
         if k == warm:
-            start, cpu = time.time(), time.process_time()
+            start, cpu, faults = time.time(), time.process_time(), minor_faults()
         n += len(batch) if k >= warm else 0
-    return start, time.time(), n, time.process_time() - cpu
+    return start, time.time(), n, time.process_time() - cpu, minor_faults() - faults
 
 
 def ray_ingest(
@@ -196,6 +209,7 @@ def ray_ingest(
     import ray
 
     from diffusioninst.data.ray_ingest import build_ray_dataset
+    from diffusioninst.data.ray_partition import PartitionedTrainConfig
 
     ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", runtime_env=local_runtime_env())
     ray.data.DataContext.get_current().enable_progress_bars = False
@@ -207,13 +221,21 @@ def ray_ingest(
         pcfg.solver.ims_per_batch = 4 * consumers  # batches of 4 per consumer
         if cache_mb is not None:
             pcfg.data.ray_cache_mb = cache_mb
-        splits = build_ray_dataset(pcfg, "train").streaming_split(consumers, equal=True)
+        # the shards exactly as Ray Train makes them for its workers (get_dataset_shard)
+        config = PartitionedTrainConfig(seed=pcfg.solver.seed)
+        splits = [
+            s["train"] for s in config.configure({"train": build_ray_dataset(pcfg, "train")}, consumers, None, None)
+        ]
         task = ray.remote(num_cpus=2 / consumers * 0.5)(_consume)  # leave CPU for the Parquet reads
         out = ray.get([task.remote(s, pcfg, consumers, epochs) for s in splits])
     finally:
         ray.shutdown()
     start, end, n = min(o[0] for o in out), max(o[1] for o in out), sum(o[2] for o in out)
-    return {"images_per_s": n / (end - start), "cpu_ms_per_image": 1e3 * sum(o[3] for o in out) / n}
+    return {
+        "images_per_s": n / (end - start),
+        "cpu_ms_per_image": 1e3 * sum(o[3] for o in out) / n,
+        "minor_faults_per_image": sum(o[4] for o in out) / n,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -226,6 +248,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     single_thread()
+    keep_freed_memory()  # the plain loops run here, with the host setting the Ray consumers (Train workers) use
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     work = Path(args.root or tempfile.mkdtemp(prefix="data_bench_"))
     from diffusioninst.data.loaders import ensure_dataset

@@ -43,6 +43,7 @@ from diffusioninst.data.dataset import collate
 from diffusioninst.data.image_io import decode_image
 from diffusioninst.data.parquet import row_to_record
 from diffusioninst.data.ray_pacing import pace_scheduling_loop
+from diffusioninst.data.ray_partition import MIN_BLOCKS_PER_RANK, EpochPartitionIterator
 from diffusioninst.data.ray_tasks import (
     class_repeat_factors,
     drop_empty_batch,
@@ -105,8 +106,13 @@ def build_ray_dataset(cfg: ExperimentConfig, split: str = "train"):
     the driver and reads the image files in Ray tasks (fine for small data; preprocess large datasets).
     For training, ``data.filter_empty`` and ``data.repeat_factor_threshold`` are applied here, and a split
     whose files total at most ``data.ray_cache_mb`` MiB is read once, here, into Ray's object store
-    (``materialize``) instead of once per epoch; its block order is reshuffled every epoch, as the file
-    order of an uncached split is. The scheduling loop is paced (``data.ray_scheduling_period_ms``,
+    (``materialize``) instead of once per epoch. Without repeat-factor sampling that cached split is returned
+    as a ``MaterializedDataset`` of at least ``MIN_BLOCKS_PER_RANK * ray.num_workers`` blocks: pass
+    ``dataset_config=PartitionedTrainConfig(...)`` to the ``TorchTrainer``
+    (:mod:`diffusioninst.data.ray_partition`), and each worker draws its own blocks every epoch. With
+    repeat-factor sampling (rows repeated anew every epoch) its block order is reshuffled every epoch and it
+    goes through ``streaming_split``, as an uncached split (whose file order is reshuffled) does. Those
+    re-executed datasets have their scheduling loop paced (``data.ray_scheduling_period_ms``,
     :mod:`diffusioninst.data.ray_pacing`).
     """
     import ray
@@ -146,12 +152,19 @@ def build_ray_dataset(cfg: ExperimentConfig, split: str = "train"):
         image_count, num_images = data.meta.image_count, len(records)
     if train and cfg.data.filter_empty:  # deterministic: before the cache, so a cached split filters once
         ds = ds.map_batches(drop_empty_batch, batch_format="pyarrow", batch_size=None)
-    if cached:  # read (and encode) once into the object store; every epoch reshuffles the blocks
-        ds = ds.materialize().randomize_block_order(seed=reshuffle)
+    repeat = train and cfg.data.repeat_factor_threshold > 0
+    if cached:  # read (and encode) once into the object store
+        ds = ds.materialize()
+        if not repeat:  # PartitionedTrainConfig draws each worker's blocks anew every epoch
+            blocks = MIN_BLOCKS_PER_RANK * max(1, cfg.ray.num_workers)
+            if ds.num_blocks() < blocks:  # enough blocks to balance the ranks: cut here, before Train holds the CPUs
+                ds = ds.repartition(blocks).materialize()
+            return ds
+        ds = ds.randomize_block_order(seed=reshuffle)  # streaming_split, with the blocks reshuffled every epoch
     ds = pace_scheduling_loop(ds, cfg.data.ray_scheduling_period_ms / 1e3)
     if not train:
         return ds
-    if cfg.data.repeat_factor_threshold > 0:  # drawn anew every epoch: after the cache
+    if repeat:  # drawn anew every epoch: after the cache
         factors = class_repeat_factors(image_count, num_images, cfg.data.repeat_factor_threshold)
         ds = ds.map_batches(repeat_rows_batch, batch_format="pyarrow", batch_size=None, fn_args=(factors,))
     return ds
@@ -292,7 +305,9 @@ def iter_train_batches(
     """Training batches from a Ray Train dataset shard (``ray.train.get_dataset_shard("train")``).
 
     Per-rank batch size ``ims_per_batch / (world_size * grad_accum_steps)``. Every epoch iterates the shard
-    in whole blocks (``iter_batches(batch_size=None)``), batches the rows itself with a local shuffle buffer of
+    in whole blocks (for a cached split, an :class:`~diffusioninst.data.ray_partition.EpochPartitionIterator`,
+    this rank's part of the epoch drawn with ``seed``, which must be the same on every rank; otherwise
+    ``iter_batches(batch_size=None)``), batches the rows itself with a local shuffle buffer of
     4 batches (:func:`shuffled_row_batches`, seeded by ``(seed, epoch)``; incomplete last batches are
     dropped) and collates them with :class:`RayTrainCollate`. Handing whole blocks over saves Ray's per-batch
     slicing and its formatting threads: with one consumer on the 2-core box, collating inline, it cost
@@ -309,9 +324,20 @@ def iter_train_batches(
     def batches() -> Iterator[Batch]:
         for epoch in itertools.count() if epochs is None else range(epochs):
             fn.set_epoch(epoch)
-            blocks = shard.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=1)
+            if isinstance(shard, EpochPartitionIterator):  # a cached split: this rank's blocks, no coordinator
+                blocks = shard.epoch_blocks(epoch, seed)
+            else:
+                blocks = shard.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=1)
             rng = np.random.default_rng((seed, epoch))
+            count = 0
             for rows in shuffled_row_batches(blocks, batch_size, 4 * batch_size, rng):
+                count += 1
                 yield fn.collate_rows(rows)
+            if count == 0:  # would loop over empty epochs for ever
+                raise ValueError(
+                    f"epoch {epoch} of this rank's training shard gave no batch of {batch_size} images: the "
+                    f"split has too few images for {world_size} worker(s) at solver.ims_per_batch="
+                    f"{cfg.solver.ims_per_batch}"
+                )
 
     yield from prefetch_in_thread(batches(), cfg.data.prefetch_batches)

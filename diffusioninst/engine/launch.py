@@ -220,6 +220,7 @@ def fit(
     import ray.train
     from ray.train.torch import TorchTrainer
 
+    from diffusioninst.data.ray_partition import PartitionedTrainConfig
     from diffusioninst.engine.train import train_loop_per_worker
 
     resources = {"CPU": cfg.ray.cpus_per_worker}
@@ -240,6 +241,7 @@ def fit(
             callbacks=list(callbacks or []),
         ),
         datasets=datasets,
+        dataset_config=PartitionedTrainConfig(seed=cfg.solver.seed),  # a cached train split: no split coordinator
     )
     return trainer.fit()
 

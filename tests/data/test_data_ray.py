@@ -144,11 +144,28 @@ def test_parquet_split_feeds_local_and_ray_loaders(ray_cluster, tmp_path):
     import ray
 
     v2_default = getattr(ray.data.DataContext.get_current(), "use_datasource_v2", None)
+    from ray.data.dataset import MaterializedDataset
+
+    from diffusioninst.data.ray_partition import EpochPartitionIterator, PartitionedTrainConfig, block_rows
+
     ds = build_ray_dataset(pcfg, "train")  # the 24 images fit the default data.ray_cache_mb: read once, here
-    ops = _plan_ops(ds)  # e.g. RandomizeBlockOrder <- InputData (the materialized blocks): no read per epoch
-    assert "RandomizeBlockOrder" in ops and not any("Read" in n for n in ops), ops
-    epochs = [[r["image_id"] for r in ds.select_columns(["image_id"]).iter_rows()] for _ in range(2)]
-    assert sorted(epochs[0]) == sorted(epochs[1]) == list(range(1, 25)) and epochs[0] != epochs[1]  # reshuffled
+    assert isinstance(ds, MaterializedDataset) and not any("Read" in n for n in _plan_ops(ds)), _plan_ops(ds)
+    # 3 shards (10 + 10 + 4 rows), cut into at least 4 blocks per ray.num_workers; row counts from metadata
+    rows = block_rows(ds)
+    assert rows == [t.num_rows for t in ray.get(ds.to_arrow_refs())] and sum(rows) == 24
+    assert len(rows) >= 4 * max(1, pcfg.ray.num_workers)
+    # as Ray Train hands it to 2 workers (cut into 8 blocks of 3 rows): each epoch every image goes to
+    # exactly one rank, a new draw every epoch
+    shards = [s["train"] for s in PartitionedTrainConfig(seed=7).configure({"train": ds}, 2, None, None)]
+    assert all(isinstance(s, EpochPartitionIterator) for s in shards)
+    parts = [[[r["image_id"] for b in s.epoch_blocks(e) for r in b.select(["image_id"]).to_pylist()] for s in shards]
+             for e in range(3)]  # fmt: skip
+    for e in range(3):
+        assert len(parts[e][0]) == len(parts[e][1]) == 12 and sorted(parts[e][0] + parts[e][1]) == list(range(1, 25))
+    assert len({tuple(sorted(p[0])) for p in parts}) > 1
+    # the DataIterator methods read the same parts, one epoch per call
+    for e in range(2):
+        assert [r["image_id"] for r in shards[1].iter_rows()] == parts[e][1]
     ucfg = small_experiment(tmp_path, "data.format=parquet", f"data.train.parquet={tmp_path / 'pq'}",
                             f"data.val.parquet={tmp_path / 'pq'}", "data.ray_cache_mb=0")  # fmt: skip
     ds = build_ray_dataset(ucfg, "train")  # re-read every epoch
@@ -170,8 +187,8 @@ def test_parquet_split_feeds_local_and_ray_loaders(ray_cluster, tmp_path):
     local_ds = TrainDataset(parquet.records, pcfg.data.augmentation, 1, parquet.blobs)
     k = [r.image_id for r in parquet.records].index(5)
     img, target = local_ds[(k, augmentation_seed(1, 0, 5))]
-    one = next(iter(ds.filter(lambda r: r["image_id"] == 5).iter_batches(batch_size=1, batch_format="pyarrow")))
-    ray_batch = collate(one)
+    row5 = next(iter(ds.filter(lambda r: r["image_id"] == 5).iter_batches(batch_size=1, batch_format="pyarrow")))
+    ray_batch = collate(row5)
     assert (ray_batch.images[0, :, : img.shape[1], : img.shape[2]] == img).all()
     assert (ray_batch.targets[0]["masks"] == target["masks"]).all()
     # the training iterator (whole blocks, its own shuffle buffer, collated in a background thread): every
@@ -181,7 +198,8 @@ def test_parquet_split_feeds_local_and_ray_loaders(ray_cluster, tmp_path):
 
     assert pcfg.data.prefetch_batches > 0
     per_epoch = 24 // per_rank_batch_size(pcfg, 1)
-    batches = list(iter_train_batches(ds, pcfg, world_size=1, seed=1, epochs=2))
+    (one,) = PartitionedTrainConfig(seed=1).configure({"train": ds}, 1, None, None)
+    batches = list(iter_train_batches(one["train"], pcfg, world_size=1, seed=1, epochs=2))
     assert len(batches) == 2 * per_epoch
     orders = [[i for b in batches[e * per_epoch : (e + 1) * per_epoch] for i in b.image_ids] for e in (0, 1)]
     assert sorted(orders[0]) == sorted(orders[1]) == list(range(1, 25)) and orders[0] != orders[1]
@@ -211,6 +229,7 @@ def test_torch_trainer_ingest_two_workers(ray_cluster, tmp_path):
 
     from diffusioninst.config.loader import to_dict
     from diffusioninst.data.ray_ingest import build_ray_dataset
+    from diffusioninst.data.ray_partition import PartitionedTrainConfig
 
     cfg = small_experiment(tmp_path, "ray.num_workers=2")
     out = tmp_path / "ranks"
@@ -228,7 +247,7 @@ def test_torch_trainer_ingest_two_workers(ray_cluster, tmp_path):
         ctx = ray.train.get_context()
         batches = iter_train_batches(ray.train.get_dataset_shard("train"), c, ctx.get_world_size(), seed=0)
         ids = []
-        for b in itertools.islice(batches, 8):  # 24 images / 2 ranks / 2 per batch = 6 per epoch: spans 2 epochs
+        for b in itertools.islice(batches, 12):  # 24 images / 2 ranks / 2 per batch = 6 per epoch: 2 epochs
             assert isinstance(b, Batch) and b.images.shape[2] % 32 == 0 and len(b) == 2
             assert all(t["masks"].shape[1:] == tuple(s) for t, s in zip(b.targets, b.image_sizes.tolist()))
             ids.append(b.image_ids)
@@ -238,15 +257,17 @@ def test_torch_trainer_ingest_two_workers(ray_cluster, tmp_path):
     trainer = TorchTrainer(
         train_fn,
         train_loop_config={"cfg": to_dict(cfg), "out": str(out)},
-        datasets={"train": build_ray_dataset(cfg, "train")},
+        datasets={"train": build_ray_dataset(cfg, "train")},  # cached: each worker draws its own blocks
+        dataset_config=PartitionedTrainConfig(seed=0),
         scaling_config=ScalingConfig(num_workers=2, resources_per_worker={"CPU": 0.5}),
         run_config=RunConfig(name="ingest", storage_path=str(tmp_path / "runs")),
     )
     trainer.fit()
     ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
-    first_epoch = [i for r in ranks for batch in r[:6] for i in batch]
-    assert sorted(first_epoch) == list(range(1, 25))  # epoch 0: every image exactly once across the 2 ranks
-    assert all(len(r) == 8 for r in ranks)
+    assert all(len(r) == 12 for r in ranks)
+    epochs = [[i for r in ranks for batch in r[6 * e : 6 * e + 6] for i in batch] for e in (0, 1)]
+    assert sorted(epochs[0]) == sorted(epochs[1]) == list(range(1, 25))  # each epoch: every image once, 2 ranks
+    assert epochs[0] != epochs[1]
 
 
 def test_ray_ingest_paces_its_scheduling_loop(ray_cluster, tmp_path, monkeypatch):
@@ -275,7 +296,7 @@ def test_ray_ingest_paces_its_scheduling_loop(ray_cluster, tmp_path, monkeypatch
     monkeypatch.setattr(PacedSchedulingLoop, "on_execution_step", recording_step)
 
     global_callbacks = list(ray.data.DataContext.get_current().custom_execution_callback_classes)
-    cfg = small_experiment(tmp_path, "data.ray_scheduling_period_ms=40")
+    cfg = small_experiment(tmp_path, "data.ray_scheduling_period_ms=40", "data.ray_cache_mb=0")  # re-executed
     ds = build_ray_dataset(cfg, "train")
     assert PacedSchedulingLoop in ds.context.custom_execution_callback_classes
     assert ds.context.get_config(MIN_STEP_KEY) == pytest.approx(0.04)
@@ -285,7 +306,7 @@ def test_ray_ingest_paces_its_scheduling_loop(ray_cluster, tmp_path, monkeypatch
     gaps = [b - a for a, b in zip(step_ends, step_ends[1:])]
     assert gaps and min(gaps) >= 0.04 - 1e-3, gaps
 
-    off = build_ray_dataset(small_experiment(tmp_path, "data.ray_scheduling_period_ms=0"), "train")
+    off = build_ray_dataset(small_experiment(tmp_path, "data.ray_scheduling_period_ms=0", "data.ray_cache_mb=0"))
     assert PacedSchedulingLoop not in off.context.custom_execution_callback_classes
 
 
