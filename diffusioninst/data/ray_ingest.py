@@ -4,7 +4,7 @@ the Ray Train workers.
 Driver::
 
     ds = build_ray_dataset(cfg, "train")                     # Parquet shards, or a COCO/LVIS folder directly
-    TorchTrainer(train_fn, datasets={"train": ds}, ...)
+    TorchTrainer(train_fn, datasets={"train": ds}, dataset_config=PartitionedTrainConfig(seed), ...)
 
 Worker (``train_fn``)::
 
@@ -18,10 +18,11 @@ that way); Ray only moves ``TensorBatchType`` outputs (tensors, or sequences/map
 device, so the loop moves a :class:`Batch` itself with ``Batch.to(device)``.
 
 Augmentation is seeded per sample by ``(seed, epoch, image_id, repeat_index)`` (same rule as the local
-loader), so it does not depend on which worker or thread collates a row. The row order itself comes from
-Ray Data's streaming split (Parquet file order, or for a split cached in the object store its block order,
-reshuffled every epoch with a reproducible seed, plus a local shuffle buffer); it is not bit-reproducible
-across runs, by design of streaming execution.
+loader), so it does not depend on which worker or thread collates a row. The row order of a split cached in
+the object store is reproducible: each epoch's partition of its blocks among the ranks and the local shuffle
+buffer are both seeded (:mod:`diffusioninst.data.ray_partition`). Otherwise it comes from Ray Data's
+streaming split (Parquet file order reshuffled every epoch with a reproducible seed, plus the local shuffle
+buffer) and is not bit-reproducible across runs, by design of streaming execution.
 """
 
 from __future__ import annotations

@@ -148,15 +148,15 @@ def test_parquet_split_feeds_local_and_ray_loaders(ray_cluster, tmp_path):
 
     from diffusioninst.data.ray_partition import EpochPartitionIterator, PartitionedTrainConfig, block_rows
 
-    ds = build_ray_dataset(pcfg, "train")  # the 24 images fit the default data.ray_cache_mb: read once, here
-    assert isinstance(ds, MaterializedDataset) and not any("Read" in n for n in _plan_ops(ds)), _plan_ops(ds)
+    cached = build_ray_dataset(pcfg, "train")  # the 24 images fit the default data.ray_cache_mb: read once, here
+    assert isinstance(cached, MaterializedDataset) and not any("Read" in n for n in _plan_ops(cached))
     # 3 shards (10 + 10 + 4 rows), cut into at least 4 blocks per ray.num_workers; row counts from metadata
-    rows = block_rows(ds)
-    assert rows == [t.num_rows for t in ray.get(ds.to_arrow_refs())] and sum(rows) == 24
+    rows = block_rows(cached)
+    assert rows == [t.num_rows for t in ray.get(cached.to_arrow_refs())] and sum(rows) == 24
     assert len(rows) >= 4 * max(1, pcfg.ray.num_workers)
     # as Ray Train hands it to 2 workers (cut into 8 blocks of 3 rows): each epoch every image goes to
     # exactly one rank, a new draw every epoch
-    shards = [s["train"] for s in PartitionedTrainConfig(seed=7).configure({"train": ds}, 2, None, None)]
+    shards = [s["train"] for s in PartitionedTrainConfig(seed=7).configure({"train": cached}, 2, None, None)]
     assert all(isinstance(s, EpochPartitionIterator) for s in shards)
     parts = [[[r["image_id"] for b in s.epoch_blocks(e) for r in b.select(["image_id"]).to_pylist()] for s in shards]
              for e in range(3)]  # fmt: skip
@@ -198,11 +198,14 @@ def test_parquet_split_feeds_local_and_ray_loaders(ray_cluster, tmp_path):
 
     assert pcfg.data.prefetch_batches > 0
     per_epoch = 24 // per_rank_batch_size(pcfg, 1)
-    (one,) = PartitionedTrainConfig(seed=1).configure({"train": ds}, 1, None, None)
+    (one,) = PartitionedTrainConfig(seed=1).configure({"train": cached}, 1, None, None)
+    assert isinstance(one["train"], EpochPartitionIterator)
     batches = list(iter_train_batches(one["train"], pcfg, world_size=1, seed=1, epochs=2))
     assert len(batches) == 2 * per_epoch
     orders = [[i for b in batches[e * per_epoch : (e + 1) * per_epoch] for i in b.image_ids] for e in (0, 1)]
     assert sorted(orders[0]) == sorted(orders[1]) == list(range(1, 25)) and orders[0] != orders[1]
+    again = iter_train_batches(one["train"], pcfg, world_size=1, seed=1, epochs=2)  # a cached split: reproducible
+    assert [b.image_ids for b in again] == [b.image_ids for b in batches]
     b, j = next((b, b.image_ids.index(5)) for b in batches[:per_epoch] if 5 in b.image_ids)
     assert (b.images[j, :, : img.shape[1], : img.shape[2]] == img).all()
     assert (b.targets[j]["masks"] == target["masks"]).all()
