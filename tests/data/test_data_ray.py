@@ -163,6 +163,8 @@ def test_parquet_split_feeds_local_and_ray_loaders(ray_cluster, tmp_path):
     for e in range(3):
         assert len(parts[e][0]) == len(parts[e][1]) == 12 and sorted(parts[e][0] + parts[e][1]) == list(range(1, 25))
     assert len({tuple(sorted(p[0])) for p in parts}) > 1
+    with pytest.raises(ValueError, match="24 rows, fewer than the 30 workers"):
+        PartitionedTrainConfig().configure({"train": cached}, 30, None, None)
     # the DataIterator methods read the same parts, one epoch per call
     for e in range(2):
         assert [r["image_id"] for r in shards[1].iter_rows()] == parts[e][1]

@@ -121,3 +121,27 @@ def test_closing_the_prefetcher_stops_its_thread():
         time.sleep(0.05)
     assert not any(t.name == "prefetch-close-test" for t in threading.enumerate())
     assert len(produced) <= 5
+
+
+class _ShardOf:
+    """A shard whose every epoch yields the same Arrow blocks (the part of ``DataIterator`` the loop uses)."""
+
+    def __init__(self, blocks):
+        self.blocks = blocks
+
+    def iter_batches(self, **kwargs):
+        assert kwargs.get("batch_size", 0) is None and kwargs.get("batch_format") == "pyarrow"
+        return iter(self.blocks)
+
+
+@pytest.mark.parametrize("prefetch", [0, 1])
+def test_iter_train_batches_refuses_an_epoch_without_a_batch(prefetch):
+    """Too few rows for one batch per rank would loop over empty epochs for ever: a clear error instead."""
+    from diffusioninst.config import ExperimentConfig
+    from diffusioninst.data.ray_ingest import iter_train_batches
+
+    cfg = ExperimentConfig()
+    cfg.solver.ims_per_batch, cfg.data.prefetch_batches = 8, prefetch  # 2 workers: 4 images per rank and batch
+    shard = _ShardOf(_blocks([2, 1]))  # 3 rows
+    with pytest.raises(ValueError, match=r"epoch 0 .* no batch of 4 images.* 2 worker"):
+        next(iter_train_batches(shard, cfg, world_size=2, seed=0))
