@@ -178,7 +178,7 @@ def dataloader_ingest(cfg: ExperimentConfig, batches: int, warmup: int = 5) -> d
     return {"images_per_s": batches * 4 / wall, "cpu_ms_per_image": 1e3 * cpu / (batches * 4)}
 
 
-def _consume(iterator, cfg: ExperimentConfig, consumers: int, epochs: int) -> tuple[float, float, int, float]:
+def _consume(iterator, cfg: ExperimentConfig, consumers: int, epochs: int) -> tuple[float, float, int, float, int]:
     """One consumer (as a Ray Train worker) running the training iterator, ``iter_train_batches``: epoch 0
     warms up, later epochs are timed."""
     from diffusioninst.data.loaders import per_rank_batch_size

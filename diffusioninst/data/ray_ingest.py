@@ -44,7 +44,7 @@ from diffusioninst.data.dataset import collate
 from diffusioninst.data.image_io import decode_image
 from diffusioninst.data.parquet import row_to_record
 from diffusioninst.data.ray_pacing import pace_scheduling_loop
-from diffusioninst.data.ray_partition import MIN_BLOCKS_PER_RANK, EpochPartitionIterator
+from diffusioninst.data.ray_partition import EpochPartitionIterator, with_enough_blocks
 from diffusioninst.data.ray_tasks import (
     class_repeat_factors,
     drop_empty_batch,
@@ -157,10 +157,7 @@ def build_ray_dataset(cfg: ExperimentConfig, split: str = "train"):
     if cached:  # read (and encode) once into the object store
         ds = ds.materialize()
         if not repeat:  # PartitionedTrainConfig draws each worker's blocks anew every epoch
-            blocks = MIN_BLOCKS_PER_RANK * max(1, cfg.ray.num_workers)
-            if ds.num_blocks() < blocks:  # enough blocks to balance the ranks: cut here, before Train holds the CPUs
-                ds = ds.repartition(blocks).materialize()
-            return ds
+            return with_enough_blocks(ds, cfg.ray.num_workers)  # cut here, before Train holds the CPUs
         ds = ds.randomize_block_order(seed=reshuffle)  # streaming_split, with the blocks reshuffled every epoch
     ds = pace_scheduling_loop(ds, cfg.data.ray_scheduling_period_ms / 1e3)
     if not train:

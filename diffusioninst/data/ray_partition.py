@@ -32,6 +32,14 @@ TRAIN = "train"
 MIN_BLOCKS_PER_RANK = 4
 
 
+def with_enough_blocks(ds, world_size: int):
+    """``ds`` (materialized) cut into ``MIN_BLOCKS_PER_RANK * world_size`` blocks when it has fewer, so that
+    :func:`epoch_partition` can balance the ranks; otherwise ``ds`` itself. The cut runs Ray tasks, so it
+    needs free CPUs."""
+    blocks = MIN_BLOCKS_PER_RANK * max(1, world_size)
+    return ds.repartition(blocks).materialize() if ds.num_blocks() < blocks else ds
+
+
 def epoch_partition(rows: Sequence[int], world_size: int, rng: np.random.Generator) -> list[list[tuple[int, int]]]:
     """One epoch's blocks for each rank: ``parts[r]`` lists ``(block_index, rows_taken)`` in reading order.
 
@@ -155,10 +163,9 @@ class PartitionedTrainConfig(ray.train.DataConfig):
             else [{} for _ in range(world_size)]
         )
         for name, ds in cached.items():
-            if ds.num_blocks() < MIN_BLOCKS_PER_RANK * world_size:
-                # too few blocks to balance the ranks: cut them, once. build_ray_dataset already does this for
-                # ray.num_workers, on the driver; here the repartition's tasks need CPUs the workers left free
-                ds = ds.repartition(MIN_BLOCKS_PER_RANK * world_size).materialize()
+            # build_ray_dataset already cut it for ray.num_workers, on the driver, before Train held the CPUs;
+            # a cut here (another world size) needs CPUs the workers left free
+            ds = with_enough_blocks(ds, world_size)
             refs = ds.to_arrow_refs()  # zero-copy: the blocks are already Arrow tables
             rows = block_rows(ds)
             if len(rows) != len(refs):
