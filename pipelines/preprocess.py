@@ -53,6 +53,19 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("--shard-size", type=int, default=1000, help="images per Parquet shard (default: 1000)")
     parser.add_argument("--address", default=None, help="connect to this Ray cluster instead of starting one")
     parser.add_argument("--force", action="store_true", help="rebuild even if the output is up to date")
+    parser.add_argument(
+        "--engine",
+        choices=("ray", "local"),
+        default="ray",
+        help="ray (default): shards processed by a Ray Data pass; local: one after the other in this process, "
+        "without Ray (same output, byte for byte)",
+    )
+    parser.add_argument(
+        "--no-keep-freed-memory",
+        action="store_true",
+        help="let the processes doing the work return freed memory to the OS (default: keep it for reuse, "
+        "about 10%% less CPU per image)",
+    )
     return parser
 
 
@@ -60,6 +73,9 @@ def main(argv: list[str] | None = None) -> int:
     args = make_parser().parse_args(argv)
     if args.shard_size < 1:
         print("error: --shard-size must be >= 1", file=sys.stderr)
+        return 2
+    if args.address and args.engine == "local":
+        print("error: --address needs --engine ray", file=sys.stderr)
         return 2
     import ray
 
@@ -77,6 +93,8 @@ def main(argv: list[str] | None = None) -> int:
             num_workers=args.num_workers,
             shard_size=args.shard_size,
             force=args.force,
+            engine=args.engine,
+            keep_freed=not args.no_keep_freed_memory,
         )
     except (DatasetError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)

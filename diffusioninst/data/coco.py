@@ -83,12 +83,22 @@ def coco_api(data: dict):
     return api
 
 
-def build_meta(data: dict, kind: str, gt_json: str | None, records: list[ImageRecord]) -> DatasetMeta:
+def build_meta(
+    data: dict,
+    kind: str,
+    gt_json: str | None,
+    records: list[ImageRecord],
+    label_images: np.ndarray | None = None,
+) -> DatasetMeta:
     """Contiguous labels = categories sorted by id; ``image_count``/``frequency`` from the JSON when it has
-    them (LVIS), else counted over ``records`` (every annotation, crowd included, as detectron2 does)."""
+    them (LVIS), else the images per label (every annotation, crowd included, as detectron2 does): counted
+    over ``records``, or given as ``label_images`` [C] when the records are elsewhere (the preprocessor's
+    shard tasks)."""
     cats = sorted(data["categories"], key=lambda c: c["id"])
     ids = [c["id"] for c in cats]
     counted = np.zeros(len(ids), np.int64)
+    if label_images is not None:
+        counted += np.asarray(label_images, np.int64)
     for r in records:
         for lab in {inst.label for inst in r.instances}:
             counted[lab] += 1

@@ -54,6 +54,28 @@ def _open(data: bytes, name: str) -> Image.Image:
     return img
 
 
+def _orientation(img: Image.Image) -> int:
+    try:
+        return int(img.getexif().get(EXIF_ORIENTATION, 0) or 0)
+    except Exception:  # malformed EXIF blocks are ignored, as PIL's exif_transpose does
+        return 0
+
+
+def inspect_image(data: bytes, name: str = "<bytes>") -> ImageInfo:
+    """What :func:`decode_with_info` finds out about encoded bytes, and the same errors, for less work: the
+    pixels are fully decoded (so truncated or corrupt data raises), but an upright RGB JPEG/PNG, whose bytes
+    are kept as they are, is not also converted to an array (about 10% of a 480x640 JPEG's decode time).
+    Any other file goes through :func:`decode_with_info`, so a mode PIL cannot convert to RGB fails here.
+
+    Raises:
+        ImageDecodeError: naming ``name``.
+    """
+    img = _open(data, name)
+    w, h = img.size
+    info = ImageInfo(height=h, width=w, format=img.format or "", mode=img.mode, orientation=_orientation(img))
+    return decode_with_info(data, name)[1] if info.needs_reencode else info
+
+
 def decode_with_info(data: bytes, name: str = "<bytes>") -> tuple[np.ndarray, ImageInfo]:
     """Decode encoded image bytes to an upright RGB image.
 
@@ -66,11 +88,7 @@ def decode_with_info(data: bytes, name: str = "<bytes>") -> tuple[np.ndarray, Im
         ImageDecodeError: naming ``name`` when the bytes are not a decodable image (truncated, corrupt).
     """
     img = _open(data, name)
-    fmt, mode = img.format or "", img.mode
-    try:
-        orientation = int(img.getexif().get(EXIF_ORIENTATION, 0) or 0)
-    except Exception:  # malformed EXIF blocks are ignored, as PIL's exif_transpose does
-        orientation = 0
+    fmt, mode, orientation = img.format or "", img.mode, _orientation(img)
     if orientation not in (0, 1):
         img = ImageOps.exif_transpose(img)
     if img.mode != "RGB":
@@ -90,11 +108,7 @@ def probe_image(path: str | Path) -> ImageInfo:
     try:
         with Image.open(path) as img:
             w, h = img.size
-            try:
-                orientation = int(img.getexif().get(EXIF_ORIENTATION, 0) or 0)
-            except Exception:
-                orientation = 0
-            fmt, mode = img.format or "", img.mode
+            orientation, fmt, mode = _orientation(img), img.format or "", img.mode
     except FileNotFoundError:
         raise FileNotFoundError(f"{path}: image file not found") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:

@@ -8,10 +8,12 @@ Problems that make the whole file unreadable (malformed JSON, missing top-level 
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import json
 import math
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -95,6 +97,23 @@ def format_issues(source: str, issues: list[Issue], limit: int | None = None) ->
     return "\n".join([head, *lines])
 
 
+@contextlib.contextmanager
+def cyclic_gc_paused() -> Iterator[None]:
+    """Pause Python's cyclic garbage collector for the block (if it was on), then turn it back on.
+
+    Parsing a COCO/LVIS file creates millions of containers (one per image, annotation, polygon) and no
+    reference cycles; with the collector on, each burst of allocations triggers full collections that walk
+    every object of the process, the parsed ones included (on the 2-core box, 600 images: 6 of them, 0.02 to
+    0.23 s each, in one 0.25 s parse of what otherwise takes 0.015 s)."""
+    was_on = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_on:
+            gc.enable()
+
+
 def load_json(path: str | Path) -> dict[str, Any]:
     """Read an annotation file; malformed JSON raises ``DatasetError`` naming the file, line and column."""
     p = Path(path)
@@ -103,7 +122,8 @@ def load_json(path: str | Path) -> dict[str, Any]:
     except FileNotFoundError:
         raise FileNotFoundError(f"{p}: annotation file not found") from None
     try:
-        data = json.loads(text)
+        with cyclic_gc_paused():
+            data = json.loads(text)
     except json.JSONDecodeError as e:
         issue = Issue("malformed_json", f"{p}:{e.lineno}:{e.colno}", f"invalid JSON: {e.msg}")
         raise DatasetError(str(p), [issue]) from None
@@ -252,14 +272,14 @@ def check_image_file(path: str | Path, image_id: int, height: int, width: int, w
         (issues, info, data): ``info`` (:class:`~diffusioninst.data.image_io.ImageInfo`) and the raw bytes
         are None when the file is missing or undecodable.
     """
-    from diffusioninst.data.image_io import ImageDecodeError, decode_with_info
+    from diffusioninst.data.image_io import ImageDecodeError, inspect_image
 
     try:
         data = Path(path).read_bytes()
     except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
         return [Issue("missing_image_file", where, f"file {path} not found", image_id)], None, None
     try:
-        _, info = decode_with_info(data, str(path))
+        info = inspect_image(data, str(path))
     except ImageDecodeError as e:
         return [Issue("corrupt_image", where, str(e), image_id)], None, None
     if (info.height, info.width) != (height, width):

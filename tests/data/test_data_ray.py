@@ -6,7 +6,6 @@ import io
 import itertools
 import json
 import os
-import shutil
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -33,8 +32,10 @@ def ray_cluster():
     ray.shutdown()
 
 
-def test_preprocess_policies_schema_rerun_and_resume(ray_cluster, tmp_path):
+def test_preprocess_policies_schema_rerun_and_resume(ray_cluster, tmp_path, monkeypatch):
     data, images = make_dataset(tmp_path)
+    only_image_problem = tmp_path / "ann_ok.json"
+    only_image_problem.write_text(json.dumps(data))
     data["annotations"][0]["segmentation"] = [[1, 1, 5, 5]]  # polygon_too_few_points
     data["annotations"].append({**data["annotations"][1], "id": 999, "image_id": 77})  # unknown_image_id
     (images / "rgb2.jpg").write_bytes((images / "rgb2.jpg").read_bytes()[:150])  # corrupt_image (image 6)
@@ -47,6 +48,11 @@ def test_preprocess_policies_schema_rerun_and_resume(ray_cluster, tmp_path):
     assert {i.reason for i in info.value.issues} == {"polygon_too_few_points", "unknown_image_id", "corrupt_image"}
     assert "rgb2.jpg" in str(info.value) and "annotation 999" in str(info.value)
     assert not list(out.glob("**/*.parquet")) and not (out / "manifest.json").exists()  # nothing written
+    # a sound JSON with one bad image: the shards of the good images are staged in the same pass, then removed
+    with pytest.raises(DatasetError) as info:
+        preprocess("coco", images, only_image_problem, out, shard_size=3)
+    assert [(i.reason, i.image_id) for i in info.value.issues] == [("corrupt_image", 6)]
+    assert not list(out.rglob("*")) and not (out / "manifest.json").exists()  # nothing left, staging included
 
     logs: list[str] = []
     manifest = preprocess("coco", images, ann, out, on_bad_record="skip", shard_size=3, log=logs.append)
@@ -98,20 +104,34 @@ def test_preprocess_policies_schema_rerun_and_resume(ray_cluster, tmp_path):
     assert "already up to date" in logs[0]
     assert {p.name: p.read_bytes() for p in out.glob("part-*.parquet")} == before
 
-    # an interrupted run (shard 0 staged with its completion marker, no manifest) resumes and completes
+    # an interrupted run: killed after its pass wrote shard 0 (parquet + completion marker) and was still
+    # writing shard 1, before anything was published; the next run reuses shard 0, redoes shard 1, completes
+    import diffusioninst.data.preprocess as P
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(P, "_publish", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        preprocess("coco", images, ann, out, on_bad_record="skip", shard_size=3, force=True)
+    monkeypatch.undo()
     staging = out / STAGING
-    staging.mkdir()
-    shutil.move(out / "part-00000.parquet", staging / "part-00000.parquet")
-    (out / "part-00001.parquet").unlink()
+    assert sorted(p.name for p in staging.iterdir()) == [
+        "part-00000.done.json", "part-00000.parquet", "part-00001.done.json", "part-00001.parquet"]  # fmt: skip
+    marker = json.loads((staging / "part-00000.done.json").read_text())
+    assert marker["fingerprint"] == shard_fingerprint(manifest["fingerprint"], [1, 2, 3])
+    (staging / "part-00001.done.json").unlink()
+    (staging / "part-00001.parquet").write_bytes(b"half a shard")
+    for p in out.glob("part-*.parquet"):
+        p.unlink()
     (out / "manifest.json").unlink()
-    marker = {"file": "part-00000.parquet", "rows": 3, "instances": 2,
-              "fingerprint": shard_fingerprint(manifest["fingerprint"], [1, 2, 3])}  # fmt: skip
-    (staging / "part-00000.done.json").write_text(json.dumps(marker))
     logs.clear()
     resumed = preprocess("coco", images, ann, out, on_bad_record="skip", shard_size=3, log=logs.append)
     assert any("resuming: 1 of 2" in line for line in logs)
     assert resumed["shards"] == manifest["shards"] and read_manifest(out)["counts"] == manifest["counts"]
+    assert resumed["skipped"] == manifest["skipped"] and resumed["source"] == manifest["source"]
     assert {p.name: p.read_bytes() for p in out.glob("part-*.parquet")} == before
+    assert not staging.exists()
 
 
 def _plan_ops(ds) -> list[str]:

@@ -12,7 +12,7 @@ from conftest import H, W, _ann, make_dataset
 from PIL import Image, ImageOps
 
 from diffusioninst.data.coco import read_coco
-from diffusioninst.data.image_io import decode_image, decode_with_info, probe_image
+from diffusioninst.data.image_io import decode_image, decode_with_info, inspect_image, probe_image
 from diffusioninst.data.validation import DatasetError
 
 
@@ -33,6 +33,7 @@ def test_non_rgb_images_decode_upright_rgb(tmp_path):
         assert ours.shape == (H, W, 3) and ours.dtype == np.uint8
         np.testing.assert_array_equal(ours, ref)
         assert info.needs_reencode == (img["file_name"] not in ("rgb.jpg", "rgb2.jpg"))
+        assert inspect_image(raw) == info  # the preprocessor's check finds out the same without the array
         assert probe_image(d / img["file_name"]).height == H  # header probe applies the EXIF swap too
     # annotations are left in the displayed (upright) frame
     exif_rec = loaded.records[4]
@@ -111,3 +112,8 @@ def test_decode_errors_name_the_file():
 
     with pytest.raises(ImageDecodeError, match="broken.jpg"):
         decode_image(b"\xff\xd8\xff\xe0 not really a jpeg", "broken.jpg")
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(buf, format="JPEG")
+    for check in (decode_image, inspect_image):  # a JPEG cut short: its header is fine, its pixels are not
+        with pytest.raises(ImageDecodeError, match="cut.jpg"):
+            check(buf.getvalue()[: len(buf.getvalue()) // 2], "cut.jpg")

@@ -1,0 +1,87 @@
+"""Preprocessing without Ray (``engine="local"``), checked against pycocotools / lvis, and the CLI.
+
+The Ray engine writes the same bytes (tests/data/test_data_ray.py compares the two)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+from conftest import make_dataset
+from pycocotools.coco import COCO
+
+from diffusioninst.data import masks as M
+from diffusioninst.data.parquet import read_manifest, row_to_record
+from diffusioninst.data.preprocess import preprocess
+from pipelines.preprocess import main as preprocess_cli
+
+
+def _rows(out: Path) -> dict[int, dict]:
+    return {r["image_id"]: r for p in sorted(out.glob("part-*.parquet")) for r in pq.read_table(p).to_pylist()}
+
+
+def test_local_coco_counts_masks_and_checksums_match_pycocotools(synthetic, tmp_path):
+    out, logs = tmp_path / "out", []
+    manifest = preprocess("coco", synthetic.train_images, synthetic.train_json, out, shard_size=5, engine="local",
+                          log=logs.append)  # fmt: skip
+    coco = COCO(synthetic.train_json)
+    rows = _rows(out)
+    assert sorted(rows) == sorted(coco.imgs) and [s["rows"] for s in manifest["shards"]] == [5, 5, 5, 5, 4]
+    assert "5/5 shard(s) done" in logs  # progress, one line per tenth of the shards (here: per shard)
+    assert manifest["counts"]["instances"] == len(coco.anns) and manifest["skipped"] == {}
+    assert manifest["counts"]["crowd_instances"] == sum(a["iscrowd"] for a in coco.anns.values())
+    # images per category: pycocotools' index (crowd annotations included, as detectron2 counts them)
+    assert [c["image_count"] for c in manifest["categories"]] == [
+        len(coco.getImgIds(catIds=[c])) for c in sorted(coco.cats)
+    ]
+    for row in rows.values():
+        for ann_id, rle in zip(row["ann_ids"], row["masks_rle"]):
+            mask = M.rle_to_mask({"size": [row["height"], row["width"]], "counts": rle})
+            np.testing.assert_array_equal(mask, coco.annToMask(coco.anns[ann_id]))
+    files = {i: Path(synthetic.train_images) / coco.imgs[i]["file_name"] for i in sorted(coco.imgs)}
+    expect = "".join(f"{i}:{hashlib.sha256(f.read_bytes()).hexdigest()};" for i, f in files.items())
+    assert manifest["source"]["images_sha256"] == hashlib.sha256(expect.encode()).hexdigest()
+    assert read_manifest(out) == manifest and not (out / ".staging").exists()
+
+
+def test_local_lvis_keeps_federated_fields_and_matches_lvis_api(synthetic, tmp_path):
+    from lvis import LVIS
+
+    out = tmp_path / "out"
+    manifest = preprocess("lvis", synthetic.val_images, synthetic.val_lvis_json, out, shard_size=3, engine="local",
+                          log=lambda _: None)  # fmt: skip
+    api, data = LVIS(synthetic.val_lvis_json), json.loads(Path(synthetic.val_lvis_json).read_text())
+    rows = _rows(out)
+    assert sorted(rows) == sorted(api.imgs) and manifest["counts"]["instances"] == len(api.anns)
+    cats = sorted(data["categories"], key=lambda c: c["id"])
+    assert [(c["id"], c["image_count"], c["frequency"]) for c in manifest["categories"]] == [
+        (c["id"], c["image_count"], c["frequency"]) for c in cats]  # fmt: skip
+    for iid, row in rows.items():
+        assert row["neg_category_ids"] == api.imgs[iid]["neg_category_ids"]
+        assert row["not_exhaustive_category_ids"] == api.imgs[iid]["not_exhaustive_category_ids"]
+        rec = row_to_record(row)
+        for inst, rle in zip(rec.instances, row["masks_rle"]):
+            mask = M.rle_to_mask({"size": [row["height"], row["width"]], "counts": rle})
+            np.testing.assert_array_equal(mask, api.ann_to_mask(api.anns[inst.ann_id]))
+
+
+def test_cli_local_engine_and_bad_records(tmp_path, capsys):
+    data, images = make_dataset(tmp_path)
+    ann = tmp_path / "ann.json"
+    ann.write_text(json.dumps(data))
+    out = tmp_path / "out"
+    args = ["--format", "coco", "--images", str(images), "--annotations", str(ann), "--output", str(out)]
+    assert preprocess_cli([*args, "--engine", "local", "--shard-size", "4"]) == 0
+    assert read_manifest(out)["counts"]["images"] == 6 and len(list(out.glob("part-*.parquet"))) == 2
+
+    (images / "gray.jpg").write_bytes(b"not a jpeg")
+    bad = tmp_path / "bad_out"
+    assert preprocess_cli([*args[:-1], str(bad), "--engine", "local"]) == 2
+    err = capsys.readouterr().err
+    assert "corrupt_image" in err and "gray.jpg" in err and "nothing was written" in err
+    assert not bad.exists() or not list(bad.rglob("*"))
+    assert preprocess_cli([*args, "--engine", "local", "--address", "ray://x:1"]) == 2
+    assert "--address needs --engine ray" in capsys.readouterr().err
