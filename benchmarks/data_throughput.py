@@ -3,8 +3,10 @@
 Generates a COCO-like synthetic split (default 600 images at 480x640, the official augmentation recipe
 resizes them to a 480..800 shortest edge), then measures images/s of
 
-* preprocessing: a plain single-process loop (decode-validate + RLE + Parquet write) vs
-  ``diffusioninst.data.preprocess`` on a local Ray with 1 and 2 CPUs (cold = first run, warm = rerun);
+* preprocessing (600 and 2400 images by default): ``diffusioninst.data.preprocess`` in one process without
+  Ray (``engine="local"``: the plain loop, doing the same work) vs the same on a local Ray with 1 and 2 CPUs
+  (cold = first run, warm = mean of two reruns); also a minimal loop (decode-check + RLE + Parquet write,
+  without the JSON checks, checksums and manifest) for reference;
 * training ingest: a plain single-process loop vs the local torch DataLoader (``data.decode_workers`` = 1, 2)
   vs Ray Data (Parquet shards -> the shards ``PartitionedTrainConfig`` hands to Ray Train workers ->
   ``iter_train_batches``, collating inline like the plain loop, and for 1 consumer also one batch ahead in
@@ -87,8 +89,9 @@ def bench_config(root: Path, n: int, workers: int = 0, backend: str = "pil") -> 
 # preprocessing
 
 
-def plain_preprocess(cfg: ExperimentConfig, out: Path) -> float:
-    """The preprocessing work in one process: decode-validate every image, then encode and write shards."""
+def minimal_preprocess_loop(cfg: ExperimentConfig, out: Path) -> float:
+    """A leaner job than ``preprocess`` in one process: decode-check every image, then encode and write shards
+    (no JSON validation, checksums, GT JSON or manifest). Reported for reference; images/s."""
     import pyarrow.parquet as pq
 
     from diffusioninst.data.coco import read_coco
@@ -110,23 +113,53 @@ def plain_preprocess(cfg: ExperimentConfig, out: Path) -> float:
     return len(loaded.records) / (time.perf_counter() - t)
 
 
-def ray_preprocess(cfg: ExperimentConfig, out: Path, cpus: int) -> dict[str, float]:
-    import ray
-
+def _preprocess_rate(cfg: ExperimentConfig, out: Path, shard_size: int, engine: str) -> float:
     from diffusioninst.data.preprocess import preprocess
+
+    t = time.perf_counter()
+    preprocess("coco", cfg.data.train.images, cfg.data.train.annotations, out, force=True, shard_size=shard_size,
+               log=lambda _: None, engine=engine)  # fmt: skip
+    return cfg.data.synthetic.num_train / (time.perf_counter() - t)
+
+
+def ray_preprocess(cfg: ExperimentConfig, out: Path, cpus: int, shard_size: int, warm_runs: int = 2) -> dict:
+    """``preprocess`` on a fresh local Ray with ``cpus`` CPUs: the first run (workers start, imports) and
+    ``warm_runs`` reruns (images/s each, and their mean)."""
+    import ray
 
     ray.init(num_cpus=cpus, include_dashboard=False, logging_level="ERROR", runtime_env=local_runtime_env())
     ray.data.DataContext.get_current().enable_progress_bars = False
-    n = cfg.data.synthetic.num_train
-    res = {}
     try:
-        for label in ("cold", "warm"):
-            t = time.perf_counter()
-            preprocess("coco", cfg.data.train.images, cfg.data.train.annotations, out, force=True, shard_size=25,
-                       log=lambda _: None)  # fmt: skip
-            res[label] = n / (time.perf_counter() - t)
+        cold = _preprocess_rate(cfg, out, shard_size, "ray")
+        warm = [_preprocess_rate(cfg, out, shard_size, "ray") for _ in range(warm_runs)]
     finally:
         ray.shutdown()
+    return {"cold": cold, "warm_runs": warm, "warm": sum(warm) / len(warm)}
+
+
+def preprocess_throughput(cfg: ExperimentConfig, work: Path) -> dict:
+    """The same preprocessing (``diffusioninst.data.preprocess``: 25-image shards) in one process without Ray
+    (``engine="local"``, the plain loop the goals are stated against) and on Ray with 1 and 2 CPUs. The local
+    and minimal loops run once to warm up, then twice before and twice after the Ray runs; their means are
+    the baselines."""
+    n = cfg.data.synthetic.num_train
+    res: dict = {"num_images": n, "shard_size": 25, "load_avg_before": load()}
+    local = lambda: _preprocess_rate(cfg, work / "local_shards", 25, "local")  # noqa: E731
+    minimal = lambda: minimal_preprocess_loop(cfg, work / "minimal_shards")  # noqa: E731
+    local(), minimal()  # warm-up: page cache, imports
+    loc, mini = [local(), local()], [minimal(), minimal()]
+    for cpus in (1, 2):
+        res[f"ray_data_{cpus}_cpu"] = ray_preprocess(cfg, work / f"shards_{cpus}", cpus, 25)
+    loc += [local(), local()]
+    mini += [minimal(), minimal()]
+    res["same_work_1_process_no_ray"] = {"runs": loc, "mean": sum(loc) / len(loc)}
+    res["minimal_loop_1_process"] = {"runs": mini, "mean": sum(mini) / len(mini)}
+    res["load_avg_after"] = load()
+    base, lean = res["same_work_1_process_no_ray"]["mean"], res["minimal_loop_1_process"]["mean"]
+    for cpus in (1, 2):
+        res[f"ray_{cpus}_cpu_vs_same_work_no_ray"] = res[f"ray_data_{cpus}_cpu"]["warm"] / base
+        res[f"ray_{cpus}_cpu_vs_minimal_loop"] = res[f"ray_data_{cpus}_cpu"]["warm"] / lean
+    res["scaling_2_vs_1_warm"] = res["ray_data_2_cpu"]["warm"] / res["ray_data_1_cpu"]["warm"]
     return res
 
 
@@ -242,6 +275,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--num-images", type=int, default=600, help="synthetic 480x640 images (default 600)")
     parser.add_argument("--root", default=None, help="synthetic cache folder (default: a temporary folder)")
+    parser.add_argument(
+        "--preprocess-images",
+        type=lambda v: [int(x) for x in v.split(",")],
+        default=[600, 2400],
+        help="split sizes the preprocessing is measured at, comma-separated (default 600,2400; Ray's fixed cost "
+        "per run weighs less on the larger one)",
+    )
     parser.add_argument("--out", default="benchmarks/results/data_throughput.json")
     parser.add_argument(
         "--epochs", type=int, default=6, help="timed epochs per ingest measurement (Ray: after one warm-up epoch)"
@@ -256,14 +296,13 @@ def main(argv: list[str] | None = None) -> int:
     cfg = ensure_dataset(bench_config(work, args.num_images))
     results: dict = {"num_images": args.num_images, "image_size_hw": [480, 640], "timed_epochs": args.epochs}
 
-    pre: dict = {"load_avg_before": load(), "plain_loop_1_process": plain_preprocess(cfg, work / "plain_shards")}
-    for cpus in (1, 2):
-        pre[f"ray_data_{cpus}_cpu"] = ray_preprocess(cfg, work / f"shards_{cpus}", cpus)
-    pre["load_avg_after"] = load()
-    pre["scaling_2_vs_1_warm"] = pre["ray_data_2_cpu"]["warm"] / pre["ray_data_1_cpu"]["warm"]
-    pre["ray_1_cpu_warm_vs_plain"] = pre["ray_data_1_cpu"]["warm"] / pre["plain_loop_1_process"]
-    results["preprocess_images_per_s"] = pre
+    results["preprocess_images_per_s"] = {}
+    for n in args.preprocess_images:
+        pcfg = cfg if n == args.num_images else ensure_dataset(bench_config(work, n))
+        results["preprocess_images_per_s"][str(n)] = preprocess_throughput(pcfg, work / f"pre_{n}")
 
+    shards = work / "ingest_shards"  # the Parquet split the Ray ingest reads (same bytes on any engine)
+    _preprocess_rate(cfg, shards, 25, "local")
     ing: dict = {"load_avg_before": load()}
     for workers in (1, 2):
         ing[f"torch_dataloader_{workers}_workers"] = dataloader_ingest(
@@ -277,15 +316,13 @@ def main(argv: list[str] | None = None) -> int:
     # the host's speed drifts by +-10% over minutes: the cached 1- and 2-consumer runs come back to back, right
     # after the plain loop (PIL), which runs again after them; the Ray-vs-plain ratios use the mean of both
     for consumers in (1, 2):
-        ing[f"ray_data_{consumers}_consumers"] = ray_ingest(cfg, work / "shards_2", consumers, 1 + args.epochs)
+        ing[f"ray_data_{consumers}_consumers"] = ray_ingest(cfg, shards, consumers, 1 + args.epochs)
     # collating one batch ahead in the consumer's background thread, as training with data.prefetch_batches > 0
-    ing["ray_data_1_consumers_prefetch1"] = ray_ingest(cfg, work / "shards_2", 1, 1 + args.epochs, prefetch_batches=1)
+    ing["ray_data_1_consumers_prefetch1"] = ray_ingest(cfg, shards, 1, 1 + args.epochs, prefetch_batches=1)
     ing["plain_loop_1_process_pil_after_ray"] = plain_ingest(plain_cfgs["pil"], args.epochs)
     # the same with the split re-read from Parquet every epoch (what a split over data.ray_cache_mb does)
     for consumers in (1, 2):
-        ing[f"ray_data_{consumers}_consumers_reread"] = ray_ingest(
-            cfg, work / "shards_2", consumers, 1 + args.epochs, cache_mb=0
-        )
+        ing[f"ray_data_{consumers}_consumers_reread"] = ray_ingest(cfg, shards, consumers, 1 + args.epochs, cache_mb=0)
     ing["load_avg_after"] = load()
 
     def rate(key: str) -> float:

@@ -147,6 +147,18 @@ def _finite(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
+def finite_numbers(values: list) -> bool:
+    """Every element is an int or float (not a bool) and finite; the checks run in C, not per element in
+    Python (a COCO file has tens of millions of polygon coordinates). A sum that overflows counts as not
+    finite: such coordinates are not pixels anyway."""
+    if not set(map(type, values)) <= {int, float}:
+        return False
+    try:
+        return math.isfinite(math.fsum(values))
+    except (OverflowError, ValueError):  # fsum: intermediate overflow; inf + -inf
+        return False
+
+
 def image_where(img: dict) -> str:
     name = img.get("file_name") or img.get("coco_url") or "?"
     return f"image {img.get('id')} ({name})"
@@ -157,7 +169,7 @@ def _check_segmentation(seg: Any, h: int, w: int) -> tuple[str, str] | None:
         if not seg:
             return "bad_segmentation", "empty polygon list"
         for k, poly in enumerate(seg):
-            if not isinstance(poly, list) or not all(_finite(v) for v in poly):
+            if not isinstance(poly, list) or not finite_numbers(poly):
                 return "bad_segmentation", f"polygon {k} is not a list of numbers"
             if len(poly) < 6:
                 return "polygon_too_few_points", f"polygon {k} has {len(poly) // 2} point(s), needs >= 3"

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import platform
 
 __all__ = ["keep_freed_memory"]
@@ -32,19 +33,28 @@ _MMAP_THRESHOLD = 1 << 30  # blocks up to 1 GiB come from the heap and are reuse
 _TRIM_THRESHOLD = (1 << 31) - 1  # never give the top of the heap back to the OS
 
 
+@functools.cache
+def _glibc_mallopt():
+    """glibc's ``mallopt``, or None on another C library. Looked up once per process (``find_library`` and
+    ``platform.libc_ver`` take about a millisecond each call)."""
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return None
+    try:
+        mallopt = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return None
+    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+    mallopt.restype = ctypes.c_int
+    return mallopt
+
+
 def keep_freed_memory(enabled: bool = True) -> bool:
     """Make glibc keep freed memory for reuse instead of returning it to the OS (see the module docstring).
 
     Affects allocations made after the call, in this process only. Returns True when applied; False when
     ``enabled`` is False or the C library is not glibc (musl, macOS, Windows), where nothing is changed.
     """
-    if not enabled or platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+    mallopt = _glibc_mallopt() if enabled else None
+    if mallopt is None:
         return False
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
-        return False
-    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
-    mallopt.restype = ctypes.c_int
     return bool(mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD)) and bool(mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import io
 import json
+import math
 
 import numpy as np
 import pytest
@@ -117,3 +118,18 @@ def test_decode_errors_name_the_file():
     for check in (decode_image, inspect_image):  # a JPEG cut short: its header is fine, its pixels are not
         with pytest.raises(ImageDecodeError, match="cut.jpg"):
             check(buf.getvalue()[: len(buf.getvalue()) // 2], "cut.jpg")
+
+
+@pytest.mark.parametrize(
+    "poly",
+    [[1, 2.5, 3, 4, 5, 6], [], [1e300, 2e300], [0.0, -0.0], [1, "2", 3], [1, None], [True, 1, 2, 3, 4, 5],
+     [1, float("nan")], [float("inf"), 1], [float("-inf"), float("inf")], [1e308, 1e308], [[1, 2]], [1, 2 + 0j]],
+)  # fmt: skip
+def test_finite_numbers_agrees_with_the_per_element_rule(poly):
+    from diffusioninst.data.validation import finite_numbers
+
+    def rule(v):  # the definition, one element at a time
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+    expected = all(rule(v) for v in poly) and (not poly or math.isfinite(sum(poly)))
+    assert finite_numbers(poly) == expected

@@ -45,6 +45,8 @@ def test_local_coco_counts_masks_and_checksums_match_pycocotools(synthetic, tmp_
     expect = "".join(f"{i}:{hashlib.sha256(f.read_bytes()).hexdigest()};" for i, f in files.items())
     assert manifest["source"]["images_sha256"] == hashlib.sha256(expect.encode()).hexdigest()
     assert read_manifest(out) == manifest and not (out / ".staging").exists()
+    # nothing was skipped: the GT the evaluator reads is the source file itself
+    assert (out / "annotations.json").read_bytes() == Path(synthetic.train_json).read_bytes()
 
 
 def test_local_lvis_keeps_federated_fields_and_matches_lvis_api(synthetic, tmp_path):
