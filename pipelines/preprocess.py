@@ -64,7 +64,7 @@ def make_parser() -> argparse.ArgumentParser:
         "--no-keep-freed-memory",
         action="store_true",
         help="let the processes doing the work return freed memory to the OS (default: keep it for reuse, "
-        "about 10%% less CPU per image)",
+        "which saved 5-10%% of the Ray workers' CPU here)",
     )
     return parser
 

@@ -364,7 +364,7 @@ def preprocess(
             output, byte for byte.
         keep_freed: the processes doing the work (Ray workers; this one under ``local``) keep freed memory for
             reuse instead of returning it to the OS (:mod:`diffusioninst.engine.host`): each image's decode
-            buffer is otherwise fresh, page-faulted memory. About 10% less CPU per image here.
+            buffer is otherwise fresh, page-faulted memory (5-10% of the Ray workers' CPU here).
 
     Raises:
         DatasetError: under ``on_bad_record="error"``, listing every problem; nothing is written.
