@@ -1,6 +1,7 @@
-"""Validate a COCO/LVIS split and convert it to Parquet shards with Ray Data (decode/validate/encode sharded
-across workers). Writes <output>/part-NNNNN.parquet, annotations.json (the cleaned GT for evaluation) and
-manifest.json (counts, skipped records by reason, shards, source sha256, schema version).
+"""Validate a COCO/LVIS split and convert it to Parquet shards with Ray Data (one task per group of shards:
+decode, validate, encode, write), or without Ray (--engine local, same output). Writes
+<output>/part-NNNNN.parquet, annotations.json (the cleaned GT for evaluation) and manifest.json (counts,
+skipped records by reason, shards, source sha256, schema version).
 
 Examples:
   python pipelines/preprocess.py --format coco --images coco/train2017 \\

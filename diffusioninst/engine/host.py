@@ -1,4 +1,5 @@
-"""Process-level settings for the processes that run the model on CPU (training, evaluation, prediction).
+"""Process-level settings for the processes that run the model on CPU (training, evaluation, prediction) and
+for the ones that preprocess images (``diffusioninst.data.preprocess``).
 
 glibc's ``malloc`` serves every block above its mmap threshold (128 KiB, raised dynamically up to 32 MiB)
 with a fresh ``mmap`` and returns it with ``munmap`` when freed, and it trims the top of the heap once more
