@@ -142,14 +142,14 @@ def preprocess_throughput(cfg: ExperimentConfig, work: Path) -> dict:
     (``engine="local"``, the plain loop the goals are stated against) and on Ray with 1 and 2 CPUs. The local
     and minimal loops run once to warm up, then twice before and twice after the Ray runs; their means are
     the baselines."""
-    n = cfg.data.synthetic.num_train
-    res: dict = {"num_images": n, "shard_size": 25, "load_avg_before": load()}
-    local = lambda: _preprocess_rate(cfg, work / "local_shards", 25, "local")  # noqa: E731
+    n, shard_size = cfg.data.synthetic.num_train, 25
+    res: dict = {"num_images": n, "shard_size": shard_size, "load_avg_before": load()}
+    local = lambda: _preprocess_rate(cfg, work / "local_shards", shard_size, "local")  # noqa: E731
     minimal = lambda: minimal_preprocess_loop(cfg, work / "minimal_shards")  # noqa: E731
     local(), minimal()  # warm-up: page cache, imports
     loc, mini = [local(), local()], [minimal(), minimal()]
     for cpus in (1, 2):
-        res[f"ray_data_{cpus}_cpu"] = ray_preprocess(cfg, work / f"shards_{cpus}", cpus, 25)
+        res[f"ray_data_{cpus}_cpu"] = ray_preprocess(cfg, work / f"shards_{cpus}", cpus, shard_size)
     loc += [local(), local()]
     mini += [minimal(), minimal()]
     res["same_work_1_process_no_ray"] = {"runs": loc, "mean": sum(loc) / len(loc)}

@@ -114,6 +114,14 @@ def build_meta(
     )
 
 
+def annotations_by_image(annotations: list[dict]) -> dict[int, list[dict]]:
+    """``image_id`` -> that image's annotations, in JSON order."""
+    anns_of: dict[int, list[dict]] = {}
+    for ann in annotations:
+        anns_of.setdefault(ann["image_id"], []).append(ann)
+    return anns_of
+
+
 def build_records(
     api: Any,
     data: dict,
@@ -123,9 +131,7 @@ def build_records(
 ) -> list[ImageRecord]:
     """One record per image of ``data`` (sorted by id), annotations in JSON order."""
     label_of = {cid: i for i, cid in enumerate(sorted(c["id"] for c in data["categories"]))}
-    anns_of: dict[int, list[dict]] = {}
-    for ann in data["annotations"]:
-        anns_of.setdefault(ann["image_id"], []).append(ann)
+    anns_of = annotations_by_image(data["annotations"])
     records = []
     for img in sorted(data["images"], key=lambda i: i["id"]):
         instances = []
