@@ -5,8 +5,8 @@ resizes them to a 480..800 shortest edge), then measures images/s of
 
 * preprocessing (600 and 2400 images by default): ``diffusioninst.data.preprocess`` in one process without
   Ray (``engine="local"``: the plain loop, doing the same work) vs the same on a local Ray with 1 and 2 CPUs
-  (cold = first run, warm = mean of two reruns); also a minimal loop (decode-check + RLE + Parquet write,
-  without the JSON checks, checksums and manifest) for reference;
+  (cold = first run, warm = mean of three reruns, each between two runs without Ray); also a minimal loop
+  (decode-check + RLE + Parquet write, without the JSON checks, checksums and manifest) for reference;
 * training ingest: a plain single-process loop vs the local torch DataLoader (``data.decode_workers`` = 1, 2)
   vs Ray Data (Parquet shards -> the shards ``PartitionedTrainConfig`` hands to Ray Train workers ->
   ``iter_train_batches``, collating inline like the plain loop, and for 1 consumer also one batch ahead in
@@ -15,7 +15,10 @@ resizes them to a 480..800 shortest edge), then measures images/s of
   epoch) and re-read from Parquet every epoch (``streaming_split``).
 
 Every worker runs with one thread (cv2.setNumThreads(1), torch.set_num_threads(1)); the plain loops and the Ray
-consumers keep freed memory for reuse, as training processes do (``host.keep_freed_memory``). Writes JSON:
+consumers keep freed memory for reuse, as training processes do (``host.keep_freed_memory``). Every ingest
+measurement times the same epochs (1..``--epochs``, after a warm-up epoch 0), and the plain loop (PIL) runs before
+and after each cached Ray measurement, whose ratio to it uses the mean of those two runs (the host drifts by
+up to 10% within minutes). Writes JSON:
 
     python benchmarks/data_throughput.py --out benchmarks/results/data_throughput.json
 """
@@ -30,6 +33,7 @@ import resource
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -122,42 +126,56 @@ def _preprocess_rate(cfg: ExperimentConfig, out: Path, shard_size: int, engine: 
     return cfg.data.synthetic.num_train / (time.perf_counter() - t)
 
 
-def ray_preprocess(cfg: ExperimentConfig, out: Path, cpus: int, shard_size: int, warm_runs: int = 2) -> dict:
-    """``preprocess`` on a fresh local Ray with ``cpus`` CPUs: the first run (workers start, imports) and
-    ``warm_runs`` reruns (images/s each, and their mean)."""
+def ray_preprocess(
+    cfg: ExperimentConfig, out: Path, cpus: int, shard_size: int, no_ray: Callable[[], float], rounds: int = 3
+) -> dict:
+    """``preprocess`` on a fresh local Ray with ``cpus`` CPUs: the first run (workers start, imports), then
+    ``rounds`` warm runs, each between two runs of ``no_ray`` (the same work without Ray, in this process while
+    Ray idles; images/s). The host drifts by up to 10% within minutes, so the warm runs are compared with the
+    runs around them: ``vs_same_work_no_ray`` is the mean warm rate over the mean of those."""
     import ray
 
     ray.init(num_cpus=cpus, include_dashboard=False, logging_level="ERROR", runtime_env=local_runtime_env())
     ray.data.DataContext.get_current().enable_progress_bars = False
     try:
         cold = _preprocess_rate(cfg, out, shard_size, "ray")
-        warm = [_preprocess_rate(cfg, out, shard_size, "ray") for _ in range(warm_runs)]
+        around, warm = [no_ray()], []
+        for _ in range(rounds):
+            warm.append(_preprocess_rate(cfg, out, shard_size, "ray"))
+            around.append(no_ray())
     finally:
         ray.shutdown()
-    return {"cold": cold, "warm_runs": warm, "warm": sum(warm) / len(warm)}
+    mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
+    return {
+        "cold": cold,
+        "warm_runs": warm,
+        "warm": mean(warm),
+        "no_ray_runs_around": around,
+        "vs_same_work_no_ray": mean(warm) / mean(around),
+    }
 
 
 def preprocess_throughput(cfg: ExperimentConfig, work: Path) -> dict:
     """The same preprocessing (``diffusioninst.data.preprocess``: 25-image shards) in one process without Ray
-    (``engine="local"``, the plain loop the goals are stated against) and on Ray with 1 and 2 CPUs. The local
-    and minimal loops run once to warm up, then twice before and twice after the Ray runs; their means are
-    the baselines."""
+    (``engine="local"``, the plain loop the goals are stated against) and on Ray with 1 and 2 CPUs, the runs
+    without Ray alternating with Ray's warm runs (:func:`ray_preprocess`). The minimal loop, for reference,
+    runs twice before and twice after. Everything runs once first to warm up (page cache, imports)."""
     n, shard_size = cfg.data.synthetic.num_train, 25
     res: dict = {"num_images": n, "shard_size": shard_size, "load_avg_before": load()}
     local = lambda: _preprocess_rate(cfg, work / "local_shards", shard_size, "local")  # noqa: E731
     minimal = lambda: minimal_preprocess_loop(cfg, work / "minimal_shards")  # noqa: E731
     local(), minimal()  # warm-up: page cache, imports
-    loc, mini = [local(), local()], [minimal(), minimal()]
+    mini = [minimal(), minimal()]
     for cpus in (1, 2):
-        res[f"ray_data_{cpus}_cpu"] = ray_preprocess(cfg, work / f"shards_{cpus}", cpus, shard_size)
-    loc += [local(), local()]
+        res[f"ray_data_{cpus}_cpu"] = ray_preprocess(cfg, work / f"shards_{cpus}", cpus, shard_size, local)
     mini += [minimal(), minimal()]
+    loc = [x for cpus in (1, 2) for x in res[f"ray_data_{cpus}_cpu"]["no_ray_runs_around"]]
     res["same_work_1_process_no_ray"] = {"runs": loc, "mean": sum(loc) / len(loc)}
     res["minimal_loop_1_process"] = {"runs": mini, "mean": sum(mini) / len(mini)}
     res["load_avg_after"] = load()
-    base, lean = res["same_work_1_process_no_ray"]["mean"], res["minimal_loop_1_process"]["mean"]
+    lean = res["minimal_loop_1_process"]["mean"]
     for cpus in (1, 2):
-        res[f"ray_{cpus}_cpu_vs_same_work_no_ray"] = res[f"ray_data_{cpus}_cpu"]["warm"] / base
+        res[f"ray_{cpus}_cpu_vs_same_work_no_ray"] = res[f"ray_data_{cpus}_cpu"]["vs_same_work_no_ray"]
         res[f"ray_{cpus}_cpu_vs_minimal_loop"] = res[f"ray_data_{cpus}_cpu"]["warm"] / lean
     res["scaling_2_vs_1_warm"] = res["ray_data_2_cpu"]["warm"] / res["ray_data_1_cpu"]["warm"]
     return res
@@ -168,7 +186,9 @@ def preprocess_throughput(cfg: ExperimentConfig, work: Path) -> dict:
 
 
 def plain_ingest(cfg: ExperimentConfig, epochs: int = 2) -> dict[str, float]:
-    """decode + augment + collate in one process, over JPEG bytes held in memory."""
+    """decode + augment + collate in one process, over JPEG bytes held in memory. Like the Ray consumers
+    (``_consume``), epoch 0 warms up and epochs 1..``epochs`` are timed, so both sides draw the same
+    augmentations (the drawn scales change the work per epoch by a few percent)."""
     from diffusioninst.data.dataset import collate
     from diffusioninst.data.image_io import decode_image
     from diffusioninst.data.loaders import load_split
@@ -177,15 +197,17 @@ def plain_ingest(cfg: ExperimentConfig, epochs: int = 2) -> dict[str, float]:
 
     data = load_split(cfg, "train", check_files="none")
     blobs = [Path(r.file_name).read_bytes() for r in data.records]
-    t, c, n, f = time.perf_counter(), time.process_time(), 0, minor_faults()
-    for epoch in range(epochs):
+    n = 0
+    for epoch in range(1 + epochs):
+        if epoch == 1:
+            t, c, f = time.perf_counter(), time.process_time(), minor_faults()
         samples = []
         for rec, blob in zip(data.records, blobs):
             rng = np.random.default_rng(augmentation_seed(0, epoch, rec.image_id))
             samples.append(train_sample(decode_image(blob), rec, cfg.data.augmentation, rng))
             if len(samples) == 4:
                 collate(samples, 32)
-                n, samples = n + 4, []
+                n, samples = n + (4 if epoch else 0), []
     return {
         "images_per_s": n / (time.perf_counter() - t),
         "cpu_ms_per_image": 1e3 * (time.process_time() - c) / n,
@@ -271,6 +293,52 @@ def ray_ingest(
     }
 
 
+def ingest_throughput(cfg: ExperimentConfig, work: Path, num_images: int, epochs: int) -> dict:
+    """Training ingest: plain loops, the torch DataLoader and Ray Data consumers (cached split, each cached Ray
+    run between two plain loops; then the split re-read every epoch)."""
+    from diffusioninst.data.loaders import ensure_dataset
+
+    shards = work / "ingest_shards"  # the Parquet split the Ray ingest reads (same bytes on any engine)
+    _preprocess_rate(cfg, shards, 25, "local")
+    ing: dict = {"load_avg_before": load()}
+    for workers in (1, 2):
+        ing[f"torch_dataloader_{workers}_workers"] = dataloader_ingest(
+            ensure_dataset(bench_config(work, num_images, workers)), batches=100
+        )
+    plain_cfgs = {backend: ensure_dataset(bench_config(work, num_images, 0, backend)) for backend in ("cv2", "pil")}
+    for backend, c in plain_cfgs.items():
+        ing[f"plain_loop_1_process_{backend}"] = plain_ingest(c, epochs)
+    # the host's speed drifts by up to 10% within minutes: every cached Ray run is bracketed by plain loops (PIL),
+    # and its ratio to the plain loop uses the mean of the two runs right before and right after it
+    brackets = [ing["plain_loop_1_process_pil"]]
+    measured = [
+        ("ray_data_1_consumers", 1, 0),
+        ("ray_data_2_consumers", 2, 0),
+        ("ray_data_1_consumers_prefetch1", 1, 1),
+    ]
+    for key, consumers, prefetch in measured:  # prefetch 1: one batch ahead in the consumer's background thread
+        ing[key] = ray_ingest(cfg, shards, consumers, 1 + epochs, prefetch_batches=prefetch)
+        brackets.append(plain_ingest(plain_cfgs["pil"], epochs))
+    ing["plain_loop_1_process_pil_between_ray_runs"] = brackets[1:-1]
+    ing["plain_loop_1_process_pil_after_ray"] = brackets[-1]
+    # the same with the split re-read from Parquet every epoch (what a split over data.ray_cache_mb does)
+    for consumers in (1, 2):
+        ing[f"ray_data_{consumers}_consumers_reread"] = ray_ingest(cfg, shards, consumers, 1 + epochs, cache_mb=0)
+    ing["load_avg_after"] = load()
+
+    def rate(key: str) -> float:
+        return ing[key]["images_per_s"]
+
+    ing["dataloader_scaling_2_vs_1"] = rate("torch_dataloader_2_workers") / rate("torch_dataloader_1_workers")
+    ing["dataloader_1_vs_plain"] = rate("torch_dataloader_1_workers") / rate("plain_loop_1_process_pil")
+    ing["ray_scaling_2_vs_1"] = rate("ray_data_2_consumers") / rate("ray_data_1_consumers")
+    for k, (key, _, _) in enumerate(measured):  # against the plain loop right before and right after
+        plain = (brackets[k]["images_per_s"] + brackets[k + 1]["images_per_s"]) / 2
+        ing[key.replace("ray_data_", "ray_").replace("_consumers", "") + "_vs_plain"] = rate(key) / plain
+    ing["ray_reread_scaling_2_vs_1"] = rate("ray_data_2_consumers_reread") / rate("ray_data_1_consumers_reread")
+    return ing
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--num-images", type=int, default=600, help="synthetic 480x640 images (default 600)")
@@ -284,7 +352,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--out", default="benchmarks/results/data_throughput.json")
     parser.add_argument(
-        "--epochs", type=int, default=6, help="timed epochs per ingest measurement (Ray: after one warm-up epoch)"
+        "--only", choices=("preprocess", "ingest"), default=None, help="measure one half only (default: both)"
+    )
+    parser.add_argument(
+        "--epochs",
+        type=int,
+        default=6,
+        help="timed epochs per ingest measurement, after one warm-up epoch (plain loops and Ray consumers alike)",
     )
     args = parser.parse_args(argv)
     single_thread()
@@ -297,46 +371,12 @@ def main(argv: list[str] | None = None) -> int:
     results: dict = {"num_images": args.num_images, "image_size_hw": [480, 640], "timed_epochs": args.epochs}
 
     results["preprocess_images_per_s"] = {}
-    for n in args.preprocess_images:
+    for n in args.preprocess_images if args.only != "ingest" else []:
         pcfg = cfg if n == args.num_images else ensure_dataset(bench_config(work, n))
         results["preprocess_images_per_s"][str(n)] = preprocess_throughput(pcfg, work / f"pre_{n}")
 
-    shards = work / "ingest_shards"  # the Parquet split the Ray ingest reads (same bytes on any engine)
-    _preprocess_rate(cfg, shards, 25, "local")
-    ing: dict = {"load_avg_before": load()}
-    for workers in (1, 2):
-        ing[f"torch_dataloader_{workers}_workers"] = dataloader_ingest(
-            ensure_dataset(bench_config(work, args.num_images, workers)), batches=100
-        )
-    plain_cfgs = {
-        backend: ensure_dataset(bench_config(work, args.num_images, 0, backend)) for backend in ("cv2", "pil")
-    }
-    for backend, c in plain_cfgs.items():
-        ing[f"plain_loop_1_process_{backend}"] = plain_ingest(c, args.epochs)
-    # the host's speed drifts by +-10% over minutes: the cached 1- and 2-consumer runs come back to back, right
-    # after the plain loop (PIL), which runs again after them; the Ray-vs-plain ratios use the mean of both
-    for consumers in (1, 2):
-        ing[f"ray_data_{consumers}_consumers"] = ray_ingest(cfg, shards, consumers, 1 + args.epochs)
-    # collating one batch ahead in the consumer's background thread, as training with data.prefetch_batches > 0
-    ing["ray_data_1_consumers_prefetch1"] = ray_ingest(cfg, shards, 1, 1 + args.epochs, prefetch_batches=1)
-    ing["plain_loop_1_process_pil_after_ray"] = plain_ingest(plain_cfgs["pil"], args.epochs)
-    # the same with the split re-read from Parquet every epoch (what a split over data.ray_cache_mb does)
-    for consumers in (1, 2):
-        ing[f"ray_data_{consumers}_consumers_reread"] = ray_ingest(cfg, shards, consumers, 1 + args.epochs, cache_mb=0)
-    ing["load_avg_after"] = load()
-
-    def rate(key: str) -> float:
-        return ing[key]["images_per_s"]
-
-    ing["dataloader_scaling_2_vs_1"] = rate("torch_dataloader_2_workers") / rate("torch_dataloader_1_workers")
-    ing["dataloader_1_vs_plain"] = rate("torch_dataloader_1_workers") / rate("plain_loop_1_process_pil")
-    ing["ray_scaling_2_vs_1"] = rate("ray_data_2_consumers") / rate("ray_data_1_consumers")
-    plain = (rate("plain_loop_1_process_pil") + rate("plain_loop_1_process_pil_after_ray")) / 2
-    ing["ray_1_vs_plain"] = rate("ray_data_1_consumers") / plain  # against the plain loop before and after
-    ing["ray_2_vs_plain"] = rate("ray_data_2_consumers") / plain
-    ing["ray_1_prefetch1_vs_plain"] = rate("ray_data_1_consumers_prefetch1") / plain
-    ing["ray_reread_scaling_2_vs_1"] = rate("ray_data_2_consumers_reread") / rate("ray_data_1_consumers_reread")
-    results["train_ingest_images_per_s"] = ing
+    if args.only != "preprocess":
+        results["train_ingest_images_per_s"] = ingest_throughput(cfg, work, args.num_images, args.epochs)
     results["environment"] = {
         "cpus": os.cpu_count(),
         "cpu_model": cpu_model(),
