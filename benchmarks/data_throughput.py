@@ -30,6 +30,7 @@ import json
 import os
 import platform
 import resource
+import statistics
 import sys
 import tempfile
 import time
@@ -145,13 +146,12 @@ def ray_preprocess(
             around.append(no_ray())
     finally:
         ray.shutdown()
-    mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
     return {
         "cold": cold,
         "warm_runs": warm,
-        "warm": mean(warm),
+        "warm": statistics.fmean(warm),
         "no_ray_runs_around": around,
-        "vs_same_work_no_ray": mean(warm) / mean(around),
+        "vs_same_work_no_ray": statistics.fmean(warm) / statistics.fmean(around),
     }
 
 
@@ -170,8 +170,8 @@ def preprocess_throughput(cfg: ExperimentConfig, work: Path) -> dict:
         res[f"ray_data_{cpus}_cpu"] = ray_preprocess(cfg, work / f"shards_{cpus}", cpus, shard_size, local)
     mini += [minimal(), minimal()]
     loc = [x for cpus in (1, 2) for x in res[f"ray_data_{cpus}_cpu"]["no_ray_runs_around"]]
-    res["same_work_1_process_no_ray"] = {"runs": loc, "mean": sum(loc) / len(loc)}
-    res["minimal_loop_1_process"] = {"runs": mini, "mean": sum(mini) / len(mini)}
+    res["same_work_1_process_no_ray"] = {"runs": loc, "mean": statistics.fmean(loc)}
+    res["minimal_loop_1_process"] = {"runs": mini, "mean": statistics.fmean(mini)}
     res["load_avg_after"] = load()
     lean = res["minimal_loop_1_process"]["mean"]
     for cpus in (1, 2):
@@ -197,17 +197,20 @@ def plain_ingest(cfg: ExperimentConfig, epochs: int = 2) -> dict[str, float]:
 
     data = load_split(cfg, "train", check_files="none")
     blobs = [Path(r.file_name).read_bytes() for r in data.records]
-    n = 0
-    for epoch in range(1 + epochs):
-        if epoch == 1:
-            t, c, f = time.perf_counter(), time.process_time(), minor_faults()
-        samples = []
+
+    def one_epoch(epoch: int) -> int:  # images collated, in batches of 4 (an incomplete last batch is dropped)
+        samples, n = [], 0
         for rec, blob in zip(data.records, blobs):
             rng = np.random.default_rng(augmentation_seed(0, epoch, rec.image_id))
             samples.append(train_sample(decode_image(blob), rec, cfg.data.augmentation, rng))
             if len(samples) == 4:
                 collate(samples, 32)
-                n, samples = n + (4 if epoch else 0), []
+                n, samples = n + 4, []
+        return n
+
+    one_epoch(0)
+    t, c, f = time.perf_counter(), time.process_time(), minor_faults()
+    n = sum(one_epoch(epoch) for epoch in range(1, 1 + epochs))
     return {
         "images_per_s": n / (time.perf_counter() - t),
         "cpu_ms_per_image": 1e3 * (time.process_time() - c) / n,
@@ -333,7 +336,7 @@ def ingest_throughput(cfg: ExperimentConfig, work: Path, num_images: int, epochs
     ing["dataloader_1_vs_plain"] = rate("torch_dataloader_1_workers") / rate("plain_loop_1_process_pil")
     ing["ray_scaling_2_vs_1"] = rate("ray_data_2_consumers") / rate("ray_data_1_consumers")
     for k, (key, _, _) in enumerate(measured):  # against the plain loop right before and right after
-        plain = (brackets[k]["images_per_s"] + brackets[k + 1]["images_per_s"]) / 2
+        plain = statistics.fmean(b["images_per_s"] for b in brackets[k : k + 2])
         ing[key.replace("ray_data_", "ray_").replace("_consumers", "") + "_vs_plain"] = rate(key) / plain
     ing["ray_reread_scaling_2_vs_1"] = rate("ray_data_2_consumers_reread") / rate("ray_data_1_consumers_reread")
     return ing

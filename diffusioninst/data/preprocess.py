@@ -296,9 +296,8 @@ def _publish(
     staging, manifest_path = output / STAGING, output / MANIFEST
     manifest_path.unlink(missing_ok=True)  # from here until the new manifest exists the folder is "not ready"
     shard_info = []
-    for m in markers.values():  # renaming onto an existing file costs ext4 a forced block allocation (~1 ms)
-        (output / m["file"]).unlink(missing_ok=True)
     for m in markers.values():
+        (output / m["file"]).unlink(missing_ok=True)  # renaming onto an existing file costs ext4 ~1 ms
         os.replace(staging / m["file"], output / m["file"])
         shard_info.append({"file": m["file"], "rows": m["rows"], "instances": m["instances"]})
     keep = {s["file"] for s in shard_info}
