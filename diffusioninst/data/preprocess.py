@@ -1,17 +1,21 @@
 """COCO/LVIS folder -> validated Parquet shards + manifest, with the work sharded by Ray Data.
 
-The driver checks the JSON (:mod:`diffusioninst.data.validation`), splits the images it kept, sorted by id,
-into shards of ``shard_size`` and runs **one** Ray Data pass with one row per shard. Each shard's task
-reads every image of its shard once, fully decodes it, checks its upright size against the JSON and
-hashes it; then builds the rows of the images that passed (original bytes, or a re-encoded upright RGB
-JPEG when the file is not an upright RGB JPEG/PNG; boxes; RLE of every mask; polygons) and writes
-``part-NNNNN.parquet`` into ``<output>/.staging`` with a ``part-NNNNN.done.json`` marker carrying the
-shard's fingerprint and what the driver needs from it (per-image issues and sha256, counts).
+The driver parses the JSON and runs the checks that need the whole file (entries, duplicate ids,
+annotations of unknown images; :mod:`diffusioninst.data.validation`), splits the images it kept, sorted by
+id, into shards of ``shard_size`` and runs **one** Ray Data pass with one row per shard. Each shard's task
+checks each of its annotations (category, bbox, segmentation), reads every image of its shard once, fully
+decodes it, checks its upright size against the JSON and hashes it; then builds the rows of the images that
+passed (original bytes, or a re-encoded upright RGB JPEG when the file is not an upright RGB JPEG/PNG;
+boxes; RLE of every mask; polygons) and writes ``part-NNNNN.parquet`` into ``<output>/.staging`` with a
+``part-NNNNN.done.json`` marker carrying the shard's fingerprint and what the driver needs from it
+(per-image and per-annotation issues, sha256, counts). The driver's own part is what cannot be split by
+image; it bounds how far the pass scales (``docs/data.md``, "Scaling across nodes").
 
 Under ``on_bad_record=error`` nothing reaches ``<output>`` when anything is wrong: a task writes nothing
-for a shard with a bad image (none at all when the JSON already has problems), the driver lists every
-problem in one :class:`DatasetError` and removes what this run staged. Under ``skip`` a shard holds the
-images of its part that passed, and every skip is counted by reason.
+for a shard with a bad image or annotation (no task writes anything when the whole-file checks already
+failed), the driver lists every problem in one :class:`DatasetError` and removes what this run staged.
+Under ``skip`` a shard holds the images and annotations of its part that passed, and every skip is counted
+by reason.
 
 Finally the driver moves the shards into ``<output>``, removes shards of older runs that are not part of
 this one, writes the cleaned GT JSON (``annotations.json``, what the evaluator reads) and, last and
@@ -43,6 +47,8 @@ from diffusioninst.data.validation import (
     CheckReport,
     DatasetError,
     Issue,
+    annotation_issue,
+    annotation_where,
     apply_skips,
     check_annotations,
     check_image_file,
@@ -55,6 +61,9 @@ from diffusioninst.engine.host import keep_freed_memory
 
 STAGING = ".staging"
 REENCODE_QUALITY = 95
+# what a shard task checks and reports (2: the per-annotation checks moved from the driver into the tasks);
+# part of the run's fingerprint, so shards staged by another version are redone, not reused
+PASS_VERSION = 2
 
 
 def sha256_file(path: str | Path) -> str:
@@ -131,27 +140,33 @@ def _api(fmt: str, data: dict):
 
 
 def process_shard(
-    shard: int, fingerprint: str, part: dict, fmt: str, staging: str | None, write_if_bad: bool
+    shard: int, fingerprint: str, part: dict, fmt: str, images: str, staging: str | None, write_if_bad: bool
 ) -> dict[str, Any]:
-    """Check, encode and write one shard.
+    """Check, encode and write one shard: every image file (fully decoded) and every annotation
+    (:func:`~diffusioninst.data.validation.annotation_issue`; the driver did the whole-file checks).
 
     Args:
-        part: ``images`` (``images[]`` entries, sorted by id, each with its file's ``path`` added),
-            ``annotations`` (theirs, JSON order) and ``category_ids`` (all of them: labels are contiguous over
-            the whole dataset).
+        part: ``images`` (``images[]`` entries, sorted by id), ``annotations`` (theirs that passed the
+            whole-file checks, JSON order) and ``category_ids`` (all of them: labels are contiguous over the
+            whole dataset).
+        images: the images folder; each image's file is found here as the format says (an LVIS image from
+            its ``coco_url``, looking at the folder), in the task rather than one by one on the driver.
         staging: folder to write ``part-NNNNN.parquet`` and its ``.done.json`` marker into; None checks only.
-        write_if_bad: write the images that passed even when some did not (``skip``); else a shard with a
-            bad image is not written.
+        write_if_bad: write the images and annotations that passed even when some did not (``skip``); else a
+            shard with a bad image or annotation is not written.
 
     Returns:
         the marker: ``file``, ``fingerprint``, ``written``, ``images`` (per image ``[id, sha256, issues]``, an
-        issue being ``[reason, where, message]``), and when written ``rows``, ``instances``, ``crowd``,
-        ``reencoded`` and ``label_images`` (images per contiguous label, keys as strings).
+        issue being ``[reason, where, message]``), ``annotations`` (per bad annotation ``[reason, where,
+        message, image_id, ann_id]``), and when written ``rows``, ``instances``, ``crowd``, ``reencoded`` and
+        ``label_images`` (images per contiguous label, keys as strings).
     """
     name = f"part-{shard:05d}.parquet"
+    file_name, folder = _file_name_fn(fmt), Path(images)
     per_image, good, blobs, reencode = [], [], {}, set()
     for img in part["images"]:
-        found, info, data = check_image_file(img["path"], img["id"], img["height"], img["width"], image_where(img))
+        path = file_name(img, folder)
+        found, info, data = check_image_file(path, img["id"], img["height"], img["width"], image_where(img))
         per_image.append([img["id"], hashlib.sha256(data).hexdigest() if data is not None else "",
                           [[i.reason, i.where, i.message] for i in found]])  # fmt: skip
         if not found:
@@ -159,17 +174,32 @@ def process_shard(
             blobs[img["id"]] = data
             if info.needs_reencode:
                 reencode.add(img["id"])
-    marker: dict[str, Any] = {"file": name, "fingerprint": fingerprint, "images": per_image, "written": False}
-    if staging is None or (len(good) < len(part["images"]) and not write_if_bad):
+    sizes = {img["id"]: (img["height"], img["width"]) for img in part["images"]}
+    categories, annotations, per_annotation = set(part["category_ids"]), [], []
+    for ann in part["annotations"]:
+        bad = annotation_issue(ann, *sizes[ann["image_id"]], categories)
+        if bad is None:
+            annotations.append(ann)
+        else:
+            per_annotation.append([bad[0], annotation_where(ann), bad[1], ann["image_id"], ann["id"]])
+    marker: dict[str, Any] = {
+        "file": name,
+        "fingerprint": fingerprint,
+        "images": per_image,
+        "annotations": per_annotation,
+        "written": False,
+    }
+    bad_part = len(good) < len(part["images"]) or per_annotation
+    if staging is None or (bad_part and not write_if_bad):
         return marker
     kept = {img["id"] for img in good}
     data = {
         "images": good,
-        "annotations": [a for a in part["annotations"] if a["image_id"] in kept],
+        "annotations": [a for a in annotations if a["image_id"] in kept],
         "categories": [{"id": c} for c in part["category_ids"]],
     }
     api, ann_to_rle = _api(fmt, data)
-    records = build_records(api, data, Path(), lambda img, _: Path(img["path"]), ann_to_rle)
+    records = build_records(api, data, folder, file_name, ann_to_rle)
     table = encode_records(records, reencode, blobs=blobs)
     tmp = Path(staging) / (name + ".tmp")
     pq.write_table(table, tmp, row_group_size=64)
@@ -212,15 +242,14 @@ def _file_name_fn(fmt: str) -> Callable[[dict, Path], Path]:
     return coco_file_name
 
 
-def _parts(data: dict, images: Path, fmt: str, shard_size: int) -> list[dict]:
+def _parts(data: dict, shard_size: int) -> list[dict]:
     """The shards' inputs: ``data``'s images sorted by id, ``shard_size`` per shard, with their annotations."""
-    file_name = _file_name_fn(fmt)
     imgs = sorted(data["images"], key=lambda i: i["id"])
     anns_of = annotations_by_image(data["annotations"])
     category_ids = sorted(c["id"] for c in data["categories"])
     parts = []
     for k in range(0, max(len(imgs), 1), shard_size):
-        chunk = [{**img, "path": str(file_name(img, images))} for img in imgs[k : k + shard_size]]
+        chunk = imgs[k : k + shard_size]
         anns = [a for img in chunk for a in anns_of.get(img["id"], [])]
         parts.append({"images": chunk, "annotations": anns, "category_ids": category_ids})
     return parts
@@ -375,7 +404,7 @@ def preprocess(
     images, annotations, output = Path(images).resolve(), Path(annotations).resolve(), Path(output).resolve()
     source_sha = sha256_file(annotations)
     settings = {"format": fmt, "images": str(images), "on_bad_record": on_bad_record, "shard_size": shard_size}
-    run_fp = _fingerprint(SCHEMA_VERSION, source_sha, settings, REENCODE_QUALITY)
+    run_fp = _fingerprint(SCHEMA_VERSION, source_sha, settings, REENCODE_QUALITY, PASS_VERSION)
     manifest_path = output / MANIFEST
     if not force and manifest_path.is_file():
         old = json.loads(manifest_path.read_text())
@@ -387,17 +416,23 @@ def preprocess(
     # under "error", once the JSON has a problem the run fails: the pass only checks the images
     with cyclic_gc_paused():  # the driver's bulk work creates many objects and no cycles
         data = load_json(annotations)
-        report = check_annotations(data, str(annotations))
+        # the whole-file checks; each annotation's own checks run in its shard's task
+        report = check_annotations(data, str(annotations), per_annotation=False)
         write = on_bad_record == "skip" or not report.issues
-        # the images and annotations the JSON checks keep (a throwaway report: the skips are counted below)
-        parts = _parts(apply_skips(data, CheckReport(report.source, list(report.issues))), images, fmt, shard_size)
+        # the images and annotations these checks keep (a throwaway report: the skips are counted below)
+        parts = _parts(apply_skips(data, CheckReport(report.source, list(report.issues))), shard_size)
         markers, tasks = _staged(parts, run_fp, staging if write else None)
     if markers:
         log(f"resuming: {len(markers)} of {len(parts)} shard(s) already written")
     if tasks:
         if write:
             staging.mkdir(parents=True, exist_ok=True)
-        kwargs = {"fmt": fmt, "staging": str(staging) if write else None, "write_if_bad": on_bad_record == "skip"}
+        kwargs = {
+            "fmt": fmt,
+            "images": str(images),
+            "staging": str(staging) if write else None,
+            "write_if_bad": on_bad_record == "skip",
+        }
         if engine == "local":
             markers.update(_run_local(tasks, kwargs, keep_freed, log))
         else:
@@ -405,6 +440,8 @@ def preprocess(
 
     with cyclic_gc_paused():
         markers = dict(sorted(markers.items()))
+        for m in markers.values():  # the annotations' issues (by image id, then file order), then the images'
+            report.issues.extend(Issue(*issue) for issue in m["annotations"])
         for m in markers.values():
             for iid, _, found in m["images"]:
                 report.issues.extend(Issue(reason, where, message, iid) for reason, where, message in found)

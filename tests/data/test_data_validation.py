@@ -6,6 +6,7 @@ import copy
 import io
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,7 +15,7 @@ from PIL import Image, ImageOps
 
 from diffusioninst.data.coco import read_coco
 from diffusioninst.data.image_io import decode_image, decode_with_info, inspect_image, probe_image
-from diffusioninst.data.validation import DatasetError
+from diffusioninst.data.validation import DatasetError, load_json
 
 
 def _write(tmp_path, data, name="ann.json"):
@@ -106,6 +107,30 @@ def test_empty_annotations_and_malformed_json(tmp_path):
     bad.write_text('{"images": []}')
     with pytest.raises(DatasetError, match="'annotations' must be a list"):
         read_coco(bad, d)
+
+
+def test_load_json_gives_the_standard_librarys_objects(tmp_path, synthetic):
+    # the fast parser and the standard library agree, types included (ints stay ints, -0.0 and big ints kept)
+    for path in (synthetic.train_json, synthetic.val_lvis_json):
+        assert load_json(path) == json.loads(Path(path).read_text())
+    odd = _write(tmp_path, {"images": [{"id": 2**70, "h": -0.0, "name": "\u00e9\u4e2d"}], "annotations": [],
+                            "categories": [{"id": 1, "x": [1e-320, 1.7976931348623157e308, 0.1]}]})  # fmt: skip
+    got, ref = load_json(odd), json.loads(odd.read_text())
+    assert got == ref and repr(got) == repr(ref)
+    # what the fast parser rejects but the standard library reads (NaN literals) still loads, and is reported
+    data, d = make_dataset(tmp_path)
+    nan = tmp_path / "nan.json"
+    nan.write_text(json.dumps(data).replace('"bbox": [2, 2, 18, 16]', '"bbox": [2, NaN, 18, 16]', 1))
+    assert math.isnan(load_json(nan)["annotations"][0]["bbox"][1])
+    with pytest.raises(DatasetError) as info:
+        read_coco(nan, d)
+    assert [(i.reason, i.ann_id) for i in info.value.issues] == [("bad_bbox", 100)]
+    latin = tmp_path / "latin1.json"
+    latin.write_bytes(
+        '{"images": [], "annotations": [], "categories": [{"id": 1, "name": "caf\u00e9"}]}'.encode("latin-1")
+    )
+    with pytest.raises(DatasetError, match=r"latin1.json: byte \d+: not UTF-8 text"):
+        load_json(latin)
 
 
 def test_decode_errors_name_the_file():

@@ -10,12 +10,15 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
+import pytest
 from conftest import make_dataset
 from pycocotools.coco import COCO
 
 from diffusioninst.data import masks as M
+from diffusioninst.data.coco import read_coco
 from diffusioninst.data.parquet import read_manifest, row_to_record
 from diffusioninst.data.preprocess import preprocess
+from diffusioninst.data.validation import DatasetError
 from pipelines.preprocess import main as preprocess_cli
 
 
@@ -87,3 +90,44 @@ def test_cli_local_engine_and_bad_records(tmp_path, capsys):
     assert not bad.exists() or not list(bad.rglob("*"))
     assert preprocess_cli([*args, "--engine", "local", "--address", "ray://x:1"]) == 2
     assert "--address needs --engine ray" in capsys.readouterr().err
+
+
+def test_checks_split_between_driver_and_shards_find_what_the_loader_finds(tmp_path):
+    """The driver runs the whole-file checks and each shard task its annotations' own: together they report
+    and skip exactly what the loader's one-pass checks do (``read_coco`` with every file decoded)."""
+    from test_data_validation import CASES
+
+    data, images = make_dataset(tmp_path)
+    for bad in CASES.values():
+        bad(data, images)
+    ann = tmp_path / "ann.json"
+    ann.write_text(json.dumps(data))
+
+    def issues(err):
+        return sorted((i.reason, i.where, i.image_id or 0, i.ann_id or 0) for i in err.value.issues)
+
+    with pytest.raises(DatasetError) as ref:
+        read_coco(ann, images, check_files="decode")
+    with pytest.raises(DatasetError) as got:
+        preprocess("coco", images, ann, tmp_path / "out", shard_size=2, engine="local", log=lambda _: None)
+    assert issues(got) == issues(ref) and len(issues(ref)) >= len(CASES)
+    loaded = read_coco(ann, images, on_bad_record="skip", check_files="decode")
+    manifest = preprocess("coco", images, ann, tmp_path / "out", "skip", shard_size=2, engine="local",
+                          log=lambda _: None)  # fmt: skip
+    assert manifest["skipped"] == loaded.report.counts()
+    rows = _rows(tmp_path / "out")
+    assert {a for r in rows.values() for a in r["ann_ids"]} == {i.ann_id for r in loaded.records for i in r.instances}
+    gt = json.loads((tmp_path / "out" / "annotations.json").read_text())
+    assert sorted(a["id"] for a in gt["annotations"]) == sorted(i.ann_id for r in loaded.records for i in r.instances)
+
+    # only an annotation's own problem (found in its shard's task, after the other shards were staged):
+    # under "error" nothing is left behind
+    (tmp_path / "b").mkdir()
+    data, images = make_dataset(tmp_path / "b")
+    CASES["bbox_outside_image"](data, images)
+    ann.write_text(json.dumps(data))
+    out = tmp_path / "only_annotation"
+    with pytest.raises(DatasetError) as got:
+        preprocess("coco", images, ann, out, shard_size=2, engine="local", log=lambda _: None)
+    assert [(i.reason, i.ann_id) for i in got.value.issues] == [("bbox_outside_image", 101)]
+    assert not out.exists() or not list(out.rglob("*"))
