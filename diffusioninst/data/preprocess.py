@@ -413,7 +413,7 @@ def preprocess(
             return old
 
     staging = output / STAGING
-    # under "error", once the JSON has a problem the run fails: the pass only checks the images
+    # under "error", once the whole-file checks found a problem the run fails: the pass only checks
     with cyclic_gc_paused():  # the driver's bulk work creates many objects and no cycles
         data = load_json(annotations)
         # the whole-file checks; each annotation's own checks run in its shard's task

@@ -94,6 +94,18 @@ def test_error_lists_every_problem_at_once(tmp_path):
     assert "annotation 999" in msg and "gray.jpg" in msg
 
 
+def test_list_valued_ids_are_reported_not_raised(tmp_path):
+    data, d = make_dataset(tmp_path)
+    data["annotations"][0]["image_id"] = [1]  # JSON lists are unhashable: no lookup may raise on them
+    data["annotations"][1]["category_id"] = [1]
+    with pytest.raises(DatasetError) as info:
+        read_coco(_write(tmp_path, data), d)
+    assert sorted((i.reason, i.ann_id) for i in info.value.issues) == [("unknown_category", 101),
+                                                                        ("unknown_image_id", 100)]  # fmt: skip
+    loaded = read_coco(_write(tmp_path, data), d, on_bad_record="skip")
+    assert sorted(i.ann_id for r in loaded.records for i in r.instances) == [102, 103, 104, 105]
+
+
 def test_empty_annotations_and_malformed_json(tmp_path):
     data, d = make_dataset(tmp_path)
     empty = copy.deepcopy(data)
