@@ -56,8 +56,8 @@ def check_files_of(
         return
     bad = report.bad_images
     for img in data["images"]:
-        if not isinstance(img, dict) or img.get("id") in bad or "height" not in img:
-            continue
+        if not isinstance(img, dict) or type(img.get("id")) is not int or img["id"] in bad or "height" not in img:
+            continue  # reported by the JSON checks
         try:
             path = file_name_of(img, images_dir)
         except (KeyError, TypeError):

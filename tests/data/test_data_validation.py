@@ -15,6 +15,7 @@ from PIL import Image, ImageOps
 
 from diffusioninst.data.coco import read_coco
 from diffusioninst.data.image_io import decode_image, decode_with_info, inspect_image, probe_image
+from diffusioninst.data.preprocess import preprocess
 from diffusioninst.data.validation import DatasetError, load_json
 
 
@@ -98,12 +99,25 @@ def test_list_valued_ids_are_reported_not_raised(tmp_path):
     data, d = make_dataset(tmp_path)
     data["annotations"][0]["image_id"] = [1]  # JSON lists are unhashable: no lookup may raise on them
     data["annotations"][1]["category_id"] = [1]
+    data["annotations"].append(_ann([9], 3))
+    data["images"].append({"id": [7], "file_name": "rgb.jpg", "height": H, "width": W})
+    data["categories"].append({"id": "2", "name": "string id"})  # not silently left out any more
+    path = _write(tmp_path, data)
     with pytest.raises(DatasetError) as info:
-        read_coco(_write(tmp_path, data), d)
-    assert sorted((i.reason, i.ann_id) for i in info.value.issues) == [("unknown_category", 101),
-                                                                        ("unknown_image_id", 100)]  # fmt: skip
-    loaded = read_coco(_write(tmp_path, data), d, on_bad_record="skip")
+        read_coco(path, d)
+    assert sorted((i.reason, i.where, i.ann_id) for i in info.value.issues) == [
+        ("bad_annotation_entry", "annotations[6]", None),
+        ("bad_category_entry", "categories[1]", None),
+        ("bad_image_entry", "images[6]", None),
+        ("unknown_category", "annotation 101 (image 2)", 101),
+        ("unknown_image_id", "annotation 100 (image [1])", 100),
+    ]
+    loaded = read_coco(path, d, on_bad_record="skip")
     assert sorted(i.ann_id for r in loaded.records for i in r.instances) == [102, 103, 104, 105]
+    assert loaded.meta.category_ids == [1] and loaded.report.counts()["bad_category_entry"] == 1
+    # the preprocessor (whole-file checks on its driver, the rest in its shard tasks) skips the same
+    manifest = preprocess("coco", d, path, tmp_path / "out", "skip", engine="local", log=lambda _: None)
+    assert manifest["skipped"] == loaded.report.counts() and manifest["counts"]["instances"] == 4
 
 
 def test_empty_annotations_and_malformed_json(tmp_path):
