@@ -3,11 +3,13 @@
 Builds a COCO-sized annotation file (default 118,287 images, as COCO train2017) by repeating the annotations of
 a 600-image synthetic split under new image and annotation ids (every image entry names one of the 600 files),
 then runs ``diffusioninst.data.preprocess`` with its shard pass replaced by one that returns the markers of a
-clean pass without touching the images. What is timed is the driver alone: hashing and parsing the JSON, the
-whole-file checks, the shard inputs, merging the markers, the GT copy and the manifest; and, separately,
-pickling the shard inputs (what the Ray engine adds before its pass). For reference it also times the standard
-library's parse of the same file and the one-pass checks (``per_annotation=True``: what the driver ran before
-each annotation's own checks moved into the shard tasks).
+clean pass without touching the images. Two scenarios: ``clean`` (nothing to skip: the GT file is a copy of the
+source) and ``one_skipped`` (the same file plus one annotation of an unknown image, ``--on-bad-record skip``:
+the GT file is the parsed file re-encoded without it). What is timed is the driver alone: hashing and parsing
+the JSON, the whole-file checks, the shard inputs, merging the markers, the GT file and the manifest; and,
+separately, pickling the shard inputs (what the Ray engine adds before its pass). For reference it also times
+the standard library's parse of the same file and the one-pass checks (``per_annotation=True``: what the driver
+ran before each annotation's own checks moved into the shard tasks).
 
 Shard tasks take about 2 ms of CPU per image here (``docs/data.md``), so with C CPUs the pass takes about
 ``images * 2 ms / C``; past the C where that equals the driver's time, more CPUs barely shorten a run.
@@ -39,11 +41,14 @@ import diffusioninst.data.preprocess as P
 from diffusioninst.data.loaders import ensure_dataset
 from diffusioninst.data.validation import check_annotations, cyclic_gc_paused, load_json
 
-PHASES = ("sha256_file", "load_json", "check_annotations", "apply_skips", "_parts", "_staged", "_publish")
+# the driver's phases, as the functions preprocess calls (the parse was load_json before read_json existed)
+PARSE = "read_json" if hasattr(P, "read_json") else "load_json"
+PHASES = ("sha256_file", PARSE, "check_annotations", "apply_skips", "_parts", "_staged", "_publish")
 
 
-def replicate(src: Path, num_images: int, dst: Path) -> dict[str, int]:
-    """Write ``dst``: ``src``'s images and annotations repeated under new ids up to ``num_images`` images."""
+def replicate(src: Path, num_images: int, dst: Path, unknown_image: bool = False) -> dict[str, int]:
+    """Write ``dst``: ``src``'s images and annotations repeated under new ids up to ``num_images`` images
+    (``unknown_image``: plus one annotation of an image id that ``images`` does not declare)."""
     data = json.loads(src.read_text())
     step_img = max(i["id"] for i in data["images"])
     step_ann = max(a["id"] for a in data["annotations"])
@@ -58,6 +63,8 @@ def replicate(src: Path, num_images: int, dst: Path) -> dict[str, int]:
         annotations += [
             {**a, "id": a["id"] + r * step_ann, "image_id": a["image_id"] + r * step_img} for a in anns_of[img["id"]]
         ]
+    if unknown_image:
+        annotations.append({**annotations[0], "id": max(a["id"] for a in annotations) + 1, "image_id": -1})
     dst.write_text(json.dumps({**data, "images": images, "annotations": annotations}))
     return {"images": len(images), "annotations": len(annotations), "json_mb": round(dst.stat().st_size / 2**20, 1)}
 
@@ -94,7 +101,7 @@ def clean_pass(pickle_seconds: list[float]):
     return run
 
 
-def driver_run(annotations: Path, images: Path, out: Path, shard_size: int) -> dict[str, float]:
+def driver_run(annotations: Path, images: Path, out: Path, shard_size: int, policy: str = "error") -> dict[str, float]:
     """One ``preprocess`` call with the pass stubbed out; seconds per driver phase, the stub excluded."""
     times: dict[str, float] = dict.fromkeys(PHASES, 0.0)
     pickled: list[float] = []
@@ -127,7 +134,9 @@ def driver_run(annotations: Path, images: Path, out: Path, shard_size: int) -> d
     shutil.rmtree(out, ignore_errors=True)
     try:
         t = time.perf_counter()
-        P.preprocess("coco", images, annotations, out, engine="local", shard_size=shard_size, log=lambda _: None)
+        P.preprocess(
+            "coco", images, annotations, out, policy, engine="local", shard_size=shard_size, log=lambda _: None
+        )
         total = time.perf_counter() - t
     finally:
         for name, fn in originals.items():
@@ -135,6 +144,7 @@ def driver_run(annotations: Path, images: Path, out: Path, shard_size: int) -> d
     times["driver_total"] = total - stub_time[0]
     times["other"] = times["driver_total"] - sum(times[k] for k in PHASES)
     times["ray_pickle_parts"] = pickled[0]
+    times["parse_json"] = times.pop(PARSE)
     return {k: round(v, 3) for k, v in times.items()}
 
 
@@ -168,22 +178,27 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         cfg = ensure_dataset(bench_config(Path(args.root or tmp), 600))
-        big = Path(tmp) / "instances_big.json"
-        size = replicate(Path(cfg.data.train.annotations), args.images, big)
-        print(f"generated {size}", flush=True)
-        runs = []
-        for r in range(args.runs):
-            runs.append(driver_run(big, Path(cfg.data.train.images), Path(tmp) / "out", args.shard_size))
-            print(f"run {r}: {runs[-1]}", flush=True)
-        reference = reference_checks(big)
-    median = {k: statistics.median(run[k] for run in runs) for k in runs[0]}
+        images, scenarios = Path(cfg.data.train.images), {}
+        for name, policy in (("clean", "error"), ("one_skipped", "skip")):
+            big = Path(tmp) / f"instances_{name}.json"
+            size = replicate(Path(cfg.data.train.annotations), args.images, big, unknown_image=policy == "skip")
+            print(f"{name}: generated {size}", flush=True)
+            runs = []
+            for r in range(args.runs):
+                runs.append(driver_run(big, images, Path(tmp) / "out", args.shard_size, policy))
+                print(f"{name} run {r}: {runs[-1]}", flush=True)
+            median = {k: statistics.median(run[k] for run in runs) for k in runs[0]}
+            scenarios[name] = {"file": size, "policy": policy, "runs": runs, "median_s": median}
+        reference = reference_checks(Path(tmp) / "instances_clean.json")
+    clean = scenarios["clean"]
     result = {
         "cpu_model": cpu_model(),
-        "file": size,
+        "file": clean["file"],
         "shard_size": args.shard_size,
-        "runs": runs,
-        "median_s": median,
-        "driver_us_per_image": round(1e6 * median["driver_total"] / size["images"], 1),
+        "runs": clean["runs"],
+        "median_s": clean["median_s"],
+        "driver_us_per_image": round(1e6 * clean["median_s"]["driver_total"] / clean["file"]["images"], 1),
+        "one_skipped": scenarios["one_skipped"],
         "reference_s": reference,
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
     }

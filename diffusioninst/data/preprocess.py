@@ -53,9 +53,10 @@ from diffusioninst.data.validation import (
     check_annotations,
     check_image_file,
     cyclic_gc_paused,
+    encode_json,
     format_issues,
     image_where,
-    load_json,
+    read_json,
 )
 from diffusioninst.engine.host import keep_freed_memory
 
@@ -318,10 +319,12 @@ def _publish(
     meta: DatasetMeta,
     skipped: dict[str, int],
     header: dict,
+    standard: bool,
 ) -> dict[str, Any]:
     """Move the staged shards into ``output``, delete older shards not in this run, write the GT JSON (a copy of
-    ``gt_source`` when given: the source file, when nothing was skipped; else ``clean``) and, last (the commit
-    point), the manifest: ``header`` plus the images' checksum, counts, categories and shards."""
+    ``gt_source`` when given: the source file, when nothing was skipped; else ``clean``, encoded as
+    :func:`~diffusioninst.data.validation.encode_json` does for ``standard``) and, last (the commit point), the
+    manifest: ``header`` plus the images' checksum, counts, categories and shards."""
     staging, manifest_path = output / STAGING, output / MANIFEST
     manifest_path.unlink(missing_ok=True)  # from here until the new manifest exists the folder is "not ready"
     shard_info = []
@@ -337,7 +340,7 @@ def _publish(
     if gt_source is not None:
         shutil.copyfile(gt_source, gt_tmp)
     else:
-        gt_tmp.write_text(json.dumps(clean))
+        gt_tmp.write_bytes(encode_json(clean, standard))
     os.replace(gt_tmp, output / GT_JSON)
     digests = sorted((iid, sha) for m in markers.values() for iid, sha, found in m["images"] if not found)
     manifest = {
@@ -415,7 +418,7 @@ def preprocess(
     staging = output / STAGING
     # under "error", once the whole-file checks found a problem the run fails: the pass only checks
     with cyclic_gc_paused():  # the driver's bulk work creates many objects and no cycles
-        data = load_json(annotations)
+        data, standard = read_json(annotations)
         # the whole-file checks; each annotation's own checks run in its shard's task
         report = check_annotations(data, str(annotations), per_annotation=False)
         write = on_bad_record == "skip" or not report.issues
@@ -468,7 +471,7 @@ def preprocess(
         }
         # nothing skipped: the cleaned GT is the source file itself, copied rather than re-serialised
         gt_source = None if report.issues else annotations
-        manifest = _publish(output, markers, clean, gt_source, meta, report.counts(), header)
+        manifest = _publish(output, markers, clean, gt_source, meta, report.counts(), header, standard)
     log(
         f"{output}: {manifest['counts']['images']} images, {manifest['counts']['instances']} instances in "
         f"{len(manifest['shards'])} shard(s); skipped: {report.counts() or 'none'}"

@@ -119,22 +119,31 @@ def cyclic_gc_paused() -> Iterator[None]:
 
 def load_json(path: str | Path) -> dict[str, Any]:
     """Read an annotation file; malformed JSON raises ``DatasetError`` naming the file, line and column.
+    See :func:`read_json`."""
+    return read_json(path)[0]
 
-    Parsed by msgspec (about 2x faster than the standard library: 1.39 s against 3.23 s for a 233 MB
+
+def read_json(path: str | Path) -> tuple[dict[str, Any], bool]:
+    """Read an annotation file: ``(data, standard)``.
+
+    Parsed by msgspec (about 2x faster than the standard library: 1.40 s against 3.27 s for a 233 MB
     COCO-train-sized file, ``benchmarks/preprocess_driver.py``); whatever msgspec rejects is parsed again by
     the standard library, so that a malformed file gets its line and column and the non-standard
     ``NaN``/``Infinity`` literals it accepts still load (and are then reported by the checks as non-finite
-    numbers). Both give the same objects for any file msgspec accepts.
+    numbers). Both give the same objects for any file msgspec accepts. ``standard``: msgspec read it, so the
+    file is standard JSON and every number in ``data`` is finite (what :func:`encode_json` needs to know).
     """
     p = Path(path)
     try:
         raw = p.read_bytes()
     except FileNotFoundError:
         raise FileNotFoundError(f"{p}: annotation file not found") from None
+    standard = True
     try:
         with cyclic_gc_paused():
             data = msgspec.json.decode(raw)
     except msgspec.DecodeError:
+        standard = False
         try:
             with cyclic_gc_paused():
                 data = json.loads(raw.decode("utf-8"))
@@ -153,7 +162,15 @@ def load_json(path: str | Path) -> dict[str, Any]:
                 problems.append(f"'{key}' must be a list")
     if problems:
         raise DatasetError(str(p), [Issue("malformed_json", str(p), m) for m in problems])
-    return data
+    return data, standard
+
+
+def encode_json(data: Any, standard: bool) -> bytes:
+    """``data`` as JSON (UTF-8), read back as equal objects by any JSON reader. ``standard`` (from
+    :func:`read_json`): every number is finite, and msgspec writes it (4.5x faster than the standard
+    library: 1.15 s against 5.2 s for a 233 MB file in memory); else the standard library, which keeps ``NaN`` and
+    ``Infinity`` as it read them (msgspec would write them as ``null``)."""
+    return msgspec.json.encode(data) if standard else json.dumps(data).encode()
 
 
 def _is_int(v: Any) -> bool:

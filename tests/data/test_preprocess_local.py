@@ -131,3 +131,23 @@ def test_checks_split_between_driver_and_shards_find_what_the_loader_finds(tmp_p
         preprocess("coco", images, ann, out, shard_size=2, engine="local", log=lambda _: None)
     assert [(i.reason, i.ann_id) for i in got.value.issues] == [("bbox_outside_image", 101)]
     assert not out.exists() or not list(out.rglob("*"))
+
+
+def test_cleaned_gt_keeps_every_value_of_the_source(tmp_path):
+    """With something skipped, annotations.json is the source minus the skipped records, value for value: written
+    by msgspec for a standard JSON file, by the standard library when the file has NaN literals (msgspec would
+    write null)."""
+    data, images = make_dataset(tmp_path)
+    data["annotations"][2]["bbox"] = [3, 3, 0, 10]  # bbox_zero_area: skipped
+    data["images"][0]["license"], data["annotations"][0]["extra"] = 2**70, {"note": "caf\u00e9", "w": [0.1, -0.0]}
+    for name, area in (("standard", 1e-300), ("nan", float("nan"))):
+        data["annotations"][1]["area"] = area
+        ann = tmp_path / f"{name}.json"
+        ann.write_text(json.dumps(data))
+        out = tmp_path / f"out_{name}"
+        manifest = preprocess("coco", images, ann, out, "skip", engine="local", log=lambda _: None)
+        assert manifest["skipped"] == {"bbox_zero_area": 1}
+        gt, src = json.loads((out / "annotations.json").read_bytes()), json.loads(ann.read_text())
+        expect = {**src, "annotations": [a for a in src["annotations"] if a["id"] != 102]}
+        assert repr(gt) == repr(expect)  # repr: NaN != NaN, but its repr matches; -0.0 and big ints kept
+        assert ("NaN" in (out / "annotations.json").read_text()) == (name == "nan")
