@@ -26,6 +26,7 @@ deterministic, so nothing is ever duplicated.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -52,6 +53,7 @@ from diffusioninst.data.validation import (
     apply_skips,
     check_annotations,
     check_image_file,
+    collector_skips_alive_objects,
     cyclic_gc_paused,
     encode_json,
     format_issues,
@@ -416,62 +418,65 @@ def preprocess(
             return old
 
     staging = output / STAGING
-    # under "error", once the whole-file checks found a problem the run fails: the pass only checks
-    with cyclic_gc_paused():  # the driver's bulk work creates many objects and no cycles
-        data, standard = read_json(annotations)
-        # the whole-file checks; each annotation's own checks run in its shard's task
-        report = check_annotations(data, str(annotations), per_annotation=False)
-        write = on_bad_record == "skip" or not report.issues
-        # the images and annotations these checks keep (a throwaway report: the skips are counted below)
-        parts = _parts(apply_skips(data, CheckReport(report.source, list(report.issues))), shard_size)
-        markers, tasks = _staged(parts, run_fp, staging if write else None)
-    if markers:
-        log(f"resuming: {len(markers)} of {len(parts)} shard(s) already written")
-    if tasks:
-        if write:
-            staging.mkdir(parents=True, exist_ok=True)
-        kwargs = {
-            "fmt": fmt,
-            "images": str(images),
-            "staging": str(staging) if write else None,
-            "write_if_bad": on_bad_record == "skip",
-        }
-        if engine == "local":
-            markers.update(_run_local(tasks, kwargs, keep_freed, log))
-        else:
-            markers.update(_run_ray(tasks, kwargs, keep_freed, num_workers))
+    with contextlib.ExitStack() as frozen:
+        # under "error", once the whole-file checks found a problem the run fails: the pass only checks
+        with cyclic_gc_paused():  # the driver's bulk work creates many objects and no cycles
+            data, standard = read_json(annotations)
+            # the whole-file checks; each annotation's own checks run in its shard's task
+            report = check_annotations(data, str(annotations), per_annotation=False)
+            write = on_bad_record == "skip" or not report.issues
+            # the images and annotations these checks keep (a throwaway report: the skips are counted below)
+            parts = _parts(apply_skips(data, CheckReport(report.source, list(report.issues))), shard_size)
+            markers, tasks = _staged(parts, run_fp, staging if write else None)
+            # the parsed file lives until the manifest is written: the collections the rest triggers skip it
+            frozen.enter_context(collector_skips_alive_objects())
+        if markers:
+            log(f"resuming: {len(markers)} of {len(parts)} shard(s) already written")
+        if tasks:
+            if write:
+                staging.mkdir(parents=True, exist_ok=True)
+            kwargs = {
+                "fmt": fmt,
+                "images": str(images),
+                "staging": str(staging) if write else None,
+                "write_if_bad": on_bad_record == "skip",
+            }
+            if engine == "local":
+                markers.update(_run_local(tasks, kwargs, keep_freed, log))
+            else:
+                markers.update(_run_ray(tasks, kwargs, keep_freed, num_workers))
 
-    with cyclic_gc_paused():
-        markers = dict(sorted(markers.items()))
-        for m in markers.values():  # the annotations' issues (by image id, then file order), then the images'
-            report.issues.extend(Issue(*issue) for issue in m["annotations"])
-        for m in markers.values():
-            for iid, _, found in m["images"]:
-                report.issues.extend(Issue(reason, where, message, iid) for reason, where, message in found)
-        try:
-            report.enforce(on_bad_record)  # under "error": one DatasetError listing everything
-        except DatasetError:
-            if write:  # remove what this run staged; shards an interrupted earlier run staged stay for a resume
-                _unstage(staging, [t["shard"] for t in tasks])
-            raise
-        clean = apply_skips(data, report)
-        if report.issues:
-            log(format_issues(f"{annotations} (skipped)", report.issues, limit=20))
-        label_images = np.zeros(len(clean["categories"]), np.int64)
-        for m in markers.values():
-            for lab, n in m["label_images"].items():
-                label_images[int(lab)] += n
-        meta = build_meta(clean, fmt, None, [], label_images=label_images)
-        header = {
-            "schema_version": SCHEMA_VERSION,
-            "fingerprint": run_fp,
-            "kind": fmt,
-            "source": {"annotations": str(annotations), "annotations_sha256": source_sha, "images": str(images)},
-            "settings": settings,
-        }
-        # nothing skipped: the cleaned GT is the source file itself, copied rather than re-serialised
-        gt_source = None if report.issues else annotations
-        manifest = _publish(output, markers, clean, gt_source, meta, report.counts(), header, standard)
+        with cyclic_gc_paused():
+            markers = dict(sorted(markers.items()))
+            for m in markers.values():  # the annotations' issues (by image id, then file order), then the images'
+                report.issues.extend(Issue(*issue) for issue in m["annotations"])
+            for m in markers.values():
+                for iid, _, found in m["images"]:
+                    report.issues.extend(Issue(reason, where, message, iid) for reason, where, message in found)
+            try:
+                report.enforce(on_bad_record)  # under "error": one DatasetError listing everything
+            except DatasetError:
+                if write:  # remove what this run staged; shards an interrupted earlier run staged stay for a resume
+                    _unstage(staging, [t["shard"] for t in tasks])
+                raise
+            clean = apply_skips(data, report)
+            if report.issues:
+                log(format_issues(f"{annotations} (skipped)", report.issues, limit=20))
+            label_images = np.zeros(len(clean["categories"]), np.int64)
+            for m in markers.values():
+                for lab, n in m["label_images"].items():
+                    label_images[int(lab)] += n
+            meta = build_meta(clean, fmt, None, [], label_images=label_images)
+            header = {
+                "schema_version": SCHEMA_VERSION,
+                "fingerprint": run_fp,
+                "kind": fmt,
+                "source": {"annotations": str(annotations), "annotations_sha256": source_sha, "images": str(images)},
+                "settings": settings,
+            }
+            # nothing skipped: the cleaned GT is the source file itself, copied rather than re-serialised
+            gt_source = None if report.issues else annotations
+            manifest = _publish(output, markers, clean, gt_source, meta, report.counts(), header, standard)
     log(
         f"{output}: {manifest['counts']['images']} images, {manifest['counts']['instances']} instances in "
         f"{len(manifest['shards'])} shard(s); skipped: {report.counts() or 'none'}"

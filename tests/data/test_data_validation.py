@@ -159,6 +159,29 @@ def test_load_json_gives_the_standard_librarys_objects(tmp_path, synthetic):
         load_json(latin)
 
 
+def test_collector_skips_alive_objects_and_restores_them():
+    import gc
+
+    from diffusioninst.data.validation import collector_skips_alive_objects
+
+    if gc.get_freeze_count():
+        pytest.skip("objects are frozen already in this process")
+    alive = [[k] for k in range(1000)]
+    with collector_skips_alive_objects():
+        assert gc.get_freeze_count() >= len(alive)  # the parsed data the caller holds is left out of collections
+        gc.collect()
+        assert gc.get_freeze_count() >= len(alive)
+    assert gc.get_freeze_count() == 0 and gc.is_tracked(alive[0])
+    try:  # someone else's frozen objects stay frozen, before and after
+        gc.freeze()
+        frozen = gc.get_freeze_count()
+        with collector_skips_alive_objects():
+            assert gc.get_freeze_count() == frozen
+        assert gc.get_freeze_count() == frozen
+    finally:
+        gc.unfreeze()
+
+
 def test_decode_errors_name_the_file():
     from diffusioninst.data.image_io import ImageDecodeError
 
