@@ -7,7 +7,7 @@ clean pass without touching the images. Two scenarios: ``clean`` (nothing to ski
 source) and ``one_skipped`` (the same file plus one annotation of an unknown image, ``--on-bad-record skip``:
 the GT file is the parsed file re-encoded without it). What is timed is the driver alone: hashing and parsing
 the JSON, the whole-file checks, the shard inputs, merging the markers, the GT file and the manifest; and,
-separately, pickling the shard inputs (what the Ray engine adds before its pass). For reference it also times
+separately, packing the shard inputs (what the Ray engine adds before its pass). For reference it also times
 the standard library's parse of the same file and the one-pass checks (``per_annotation=True``: what the driver
 ran before each annotation's own checks moved into the shard tasks).
 
@@ -71,13 +71,14 @@ def replicate(src: Path, num_images: int, dst: Path, unknown_image: bool = False
 
 def clean_pass(pickle_seconds: list[float]):
     """A stand-in for the shard pass: the markers of a pass that found nothing wrong (no image is read), with
-    empty shard files staged so the driver can publish them. Records how long pickling the tasks' inputs takes
-    (the Ray engine does that on the driver; the local engine does not)."""
+    empty shard files staged so the driver can publish them. Records how long packing the tasks' inputs takes
+    (``pack_part``, pickle before it existed: the Ray engine does that on the driver; the local engine does not)."""
 
     def run(tasks: list[dict], kwargs: dict, *_args) -> dict[int, dict]:
+        pack = getattr(P, "pack_part", pickle.dumps)  # what _run_ray does with each shard's input
         t = time.perf_counter()
         for task in tasks:
-            pickle.dumps(task["part"])
+            pack(task["part"])
         pickle_seconds.append(time.perf_counter() - t)
         staging, markers = Path(kwargs["staging"]), {}
         for task in tasks:

