@@ -442,10 +442,8 @@ def preprocess(
             # the whole-file checks; each annotation's own checks run in its shard's task
             report = check_annotations(data, str(annotations), per_annotation=False)
             write = on_bad_record == "skip" or not report.issues
-            # the images and annotations these checks keep (a throwaway report: the skips are counted below);
-            # with no issue, all of them (every entry is then well formed and every id unique)
-            kept = apply_skips(data, CheckReport(report.source, list(report.issues))) if report.issues else data
-            parts = _parts(kept, shard_size)
+            # the images and annotations these checks keep (a throwaway report: the skips are counted below)
+            parts = _parts(apply_skips(data, CheckReport(report.source, list(report.issues))), shard_size)
             markers, tasks = _staged(parts, run_fp, staging if write else None)
             # the parsed file lives until the manifest is written: the collections the rest triggers skip it
             frozen.enter_context(collector_skips_alive_objects())
@@ -478,7 +476,7 @@ def preprocess(
                 if write:  # remove what this run staged; shards an interrupted earlier run staged stay for a resume
                     _unstage(staging, [t["shard"] for t in tasks])
                 raise
-            clean = apply_skips(data, report) if report.issues else data
+            clean = apply_skips(data, report)
             if report.issues:
                 log(format_issues(f"{annotations} (skipped)", report.issues, limit=20))
             label_images = np.zeros(len(clean["categories"]), np.int64)

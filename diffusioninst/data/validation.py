@@ -157,20 +157,19 @@ def read_json(path: str | Path) -> tuple[dict[str, Any], bool]:
     except FileNotFoundError:
         raise FileNotFoundError(f"{p}: annotation file not found") from None
     standard = True
-    try:
-        with cyclic_gc_paused():
-            data = msgspec.json.decode(raw)
-    except msgspec.DecodeError:
-        standard = False
+    with cyclic_gc_paused():
         try:
-            with cyclic_gc_paused():
+            data = msgspec.json.decode(raw)
+        except msgspec.DecodeError:
+            standard = False
+            try:
                 data = json.loads(raw.decode("utf-8"))
-        except UnicodeDecodeError as e:
-            issue = Issue("malformed_json", f"{p}: byte {e.start}", "not UTF-8 text")
-            raise DatasetError(str(p), [issue]) from None
-        except json.JSONDecodeError as e:
-            issue = Issue("malformed_json", f"{p}:{e.lineno}:{e.colno}", f"invalid JSON: {e.msg}")
-            raise DatasetError(str(p), [issue]) from None
+            except UnicodeDecodeError as e:
+                issue = Issue("malformed_json", f"{p}: byte {e.start}", "not UTF-8 text")
+                raise DatasetError(str(p), [issue]) from None
+            except json.JSONDecodeError as e:
+                issue = Issue("malformed_json", f"{p}:{e.lineno}:{e.colno}", f"invalid JSON: {e.msg}")
+                raise DatasetError(str(p), [issue]) from None
     problems = []
     if not isinstance(data, dict):
         problems.append(f"top level is a {type(data).__name__}, expected an object")
@@ -194,6 +193,12 @@ def encode_json(data: Any, standard: bool) -> bytes:
 def _is_int(v: Any) -> bool:
     """A JSON integer (``type is int``: not a bool; cheaper than ``isinstance`` in the per-annotation loops)."""
     return type(v) is int
+
+
+def _int_ids(entries: list) -> Counter:
+    """How often each integer id occurs among the object entries (an entry without one is reported on its own;
+    a list id would be unhashable)."""
+    return Counter(i for e in entries if isinstance(e, dict) and _is_int(i := e.get("id")))
 
 
 def _finite(v: Any) -> bool:
@@ -280,8 +285,7 @@ def check_annotations(data: dict[str, Any], source: str, per_annotation: bool = 
     report = CheckReport(source)
     add = report.issues.append
     images: dict[int, dict] = {}
-    # ids counted only where valid (an entry without an integer id is reported on its own; a list id is unhashable)
-    seen = Counter(i for img in data["images"] if isinstance(img, dict) and type(i := img.get("id")) is int)
+    seen = _int_ids(data["images"])
     for k, img in enumerate(data["images"]):
         if not isinstance(img, dict) or not _is_int(img.get("id")):
             add(Issue("bad_image_entry", f"images[{k}]", "missing or non-integer id"))
@@ -302,16 +306,16 @@ def check_annotations(data: dict[str, Any], source: str, per_annotation: bool = 
         if not isinstance(c, dict) or not _is_int(c.get("id")):
             cid = c.get("id") if isinstance(c, dict) else None
             add(Issue("bad_category_entry", f"categories[{k}]", f"id {cid!r} is not an integer"))
-    cat_seen = Counter(i for c in data["categories"] if isinstance(c, dict) and type(i := c.get("id")) is int)
+    cat_seen = _int_ids(data["categories"])
     cats = set(cat_seen)
     for cid, n in cat_seen.items():
         if n > 1:
             add(Issue("duplicate_category_id", f"category {cid}", f"id appears {n} times"))
-    ann_seen = Counter(i for a in data["annotations"] if isinstance(a, dict) and type(i := a.get("id")) is int)
+    ann_seen = _int_ids(data["annotations"])
     bad_image_ids = report.bad_images
     for k, ann in enumerate(data["annotations"]):
         aid = ann.get("id") if isinstance(ann, dict) else None
-        if type(aid) is not int:
+        if not _is_int(aid):
             add(Issue("bad_annotation_entry", f"annotations[{k}]", "not an object with an integer id"))
             continue
         iid = ann.get("image_id")
@@ -376,23 +380,32 @@ def apply_skips(data: dict[str, Any], report: CheckReport) -> dict[str, Any]:
     """A copy of ``data`` without the images and annotations ``report`` flags (plus malformed entries).
 
     Annotations of images skipped by file-level checks are added to ``report`` as
-    ``annotation_of_skipped_image`` so they are counted too.
+    ``annotation_of_skipped_image`` so they are counted too. ``report`` includes :func:`check_annotations` of
+    ``data``, so when it has no issue every entry is well formed and every id unique: ``data`` itself is
+    returned (the copy would be equal; it took 0.27 s for a COCO-train-sized file).
     """
+    if not report.issues:
+        return data
     bad_images, bad_anns = report.bad_images, report.bad_annotations
     images = [
         img
         for img in data["images"]
-        if isinstance(img, dict) and type(img.get("id")) is int and img["id"] not in bad_images
+        if isinstance(img, dict) and _is_int(img.get("id")) and img["id"] not in bad_images
     ]
     kept_ids = {img["id"] for img in images}
     annotations = []
     for ann in data["annotations"]:
-        if not isinstance(ann, dict) or type(ann.get("id")) is not int or ann["id"] in bad_anns:
+        if not isinstance(ann, dict) or not _is_int(ann.get("id")) or ann["id"] in bad_anns:
             continue
         if isinstance(ann.get("image_id"), (list, dict)) or ann.get("image_id") not in kept_ids:
-            where = f"annotation {ann['id']} (image {ann.get('image_id')})"
             report.issues.append(
-                Issue("annotation_of_skipped_image", where, "its image was skipped", ann.get("image_id"), ann["id"])
+                Issue(
+                    "annotation_of_skipped_image",
+                    annotation_where(ann),
+                    "its image was skipped",
+                    ann.get("image_id"),
+                    ann["id"],
+                )
             )
             continue
         annotations.append(ann)
