@@ -32,6 +32,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import msgspec
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from data_throughput import bench_config
@@ -84,7 +86,13 @@ def clean_pass(pickle_seconds: list[float]):
         for task in tasks:
             name = f"part-{task['shard']:05d}.parquet"
             (staging / name).write_bytes(b"")
-            imgs, anns = task["part"]["images"], task["part"]["annotations"]
+            imgs, part = task["part"]["images"], task["part"]
+            # the annotations, or their text (what the driver hands the tasks since it decodes only their ids)
+            anns = (
+                part["annotations"]
+                if "annotations" in part
+                else msgspec.json.decode(part["annotations_json"], type=list[msgspec.Raw])
+            )
             markers[task["shard"]] = {
                 "file": name,
                 "fingerprint": task["fingerprint"],

@@ -51,13 +51,16 @@ from diffusioninst.data.validation import (
     Issue,
     annotation_issue,
     annotation_where,
+    annotations_text,
     apply_skips,
     check_annotations,
     check_image_file,
     collector_skips_alive_objects,
     cyclic_gc_paused,
+    decode_annotations,
     encode_json,
     format_issues,
+    holds_refs,
     image_where,
     read_json,
 )
@@ -151,8 +154,9 @@ def process_shard(
 
     Args:
         part: ``images`` (``images[]`` entries, sorted by id), ``annotations`` (theirs that passed the
-            whole-file checks, JSON order) and ``category_ids`` (all of them: labels are contiguous over the
-            whole dataset).
+            whole-file checks, JSON order; or ``annotations_json``, the same as a JSON list in the source
+            file's text, which this task decodes) and ``category_ids`` (all of them: labels are contiguous over
+            the whole dataset).
         images: the images folder; each image's file is found here as the format says (an LVIS image from
             its ``coco_url``, looking at the folder), in the task rather than one by one on the driver.
         staging: folder to write ``part-NNNNN.parquet`` and its ``.done.json`` marker into; None checks only.
@@ -180,7 +184,8 @@ def process_shard(
                 reencode.add(img["id"])
     sizes = {img["id"]: (img["height"], img["width"]) for img in part["images"]}
     categories, annotations, per_annotation = set(part["category_ids"]), [], []
-    for ann in part["annotations"]:
+    given = part["annotations"] if "annotations" in part else decode_annotations(part["annotations_json"])
+    for ann in given:
         bad = annotation_issue(ann, *sizes[ann["image_id"]], categories)
         if bad is None:
             annotations.append(ann)
@@ -263,15 +268,19 @@ def _file_name_fn(fmt: str) -> Callable[[dict, Path], Path]:
 
 
 def _parts(data: dict, shard_size: int) -> list[dict]:
-    """The shards' inputs: ``data``'s images sorted by id, ``shard_size`` per shard, with their annotations."""
+    """The shards' inputs: ``data``'s images sorted by id, ``shard_size`` per shard, with their annotations
+    (as ``annotations_json``, their source text, when ``data`` holds them as
+    :class:`~diffusioninst.data.validation.AnnotationRef` s)."""
     imgs = sorted(data["images"], key=lambda i: i["id"])
     anns_of = annotations_by_image(data["annotations"])
+    as_text = holds_refs(data["annotations"])
     category_ids = sorted(c["id"] for c in data["categories"])
     parts = []
     for k in range(0, max(len(imgs), 1), shard_size):
         chunk = imgs[k : k + shard_size]
         anns = [a for img in chunk for a in anns_of.get(img["id"], [])]
-        parts.append({"images": chunk, "annotations": anns, "category_ids": category_ids})
+        key, value = ("annotations_json", annotations_text(anns)) if as_text else ("annotations", anns)
+        parts.append({"images": chunk, key: value, "category_ids": category_ids})
     return parts
 
 
@@ -438,7 +447,8 @@ def preprocess(
     with contextlib.ExitStack() as frozen:
         # under "error", once the whole-file checks found a problem the run fails: the pass only checks
         with cyclic_gc_paused():  # the driver's bulk work creates many objects and no cycles
-            data, standard = read_json(annotations)
+            # the annotations' ids only: each one's text goes to its shard's task, which decodes it
+            data, standard = read_json(annotations, lazy_annotations=True)
             # the whole-file checks; each annotation's own checks run in its shard's task
             report = check_annotations(data, str(annotations), per_annotation=False)
             write = on_bad_record == "skip" or not report.issues

@@ -159,6 +159,62 @@ def test_load_json_gives_the_standard_librarys_objects(tmp_path, synthetic):
         load_json(latin)
 
 
+def test_lazy_annotations_keep_their_ids_and_exact_text(tmp_path, synthetic):
+    """read_json(lazy_annotations=True), what the preprocessing driver reads: the rest of the file decoded as usual,
+    each annotation as its ids plus its source text, which decodes (in the shard task) to the same entry and is
+    written back unchanged into a cleaned GT file."""
+    from diffusioninst.data.preprocess import _parts
+    from diffusioninst.data.validation import (
+        annotations_text,
+        check_annotations,
+        decode_annotations,
+        encode_json,
+        holds_refs,
+        read_json,
+    )
+
+    for path in (synthetic.train_json, synthetic.val_lvis_json):
+        src = json.loads(Path(path).read_text())
+        data, standard = read_json(path, lazy_annotations=True)
+        assert standard and holds_refs(data["annotations"]) and list(data) == list(src)
+        rest = {k: v for k, v in src.items() if k != "annotations"}
+        assert {k: v for k, v in data.items() if k != "annotations"} == rest
+        ids = [{"id": a["id"], "image_id": a["image_id"]} for a in src["annotations"]]
+        assert [dict(r) for r in data["annotations"]] == ids
+        assert decode_annotations(annotations_text(data["annotations"])) == src["annotations"]
+        assert json.loads(encode_json(data, standard)) == src
+        eager = _parts(read_json(path)[0], 7)  # every shard task gets the same annotations either way
+        lazy = _parts(data, 7)
+        assert [p["images"] for p in lazy] == [p["images"] for p in eager]
+        assert [decode_annotations(p["annotations_json"]) for p in lazy] == [p["annotations"] for p in eager]
+        with pytest.raises(ValueError, match="per-annotation checks need decoded annotations"):
+            check_annotations(data, str(path))
+    data, d = make_dataset(tmp_path)
+    del data["annotations"][0]["id"], data["annotations"][1]["image_id"]
+    text = json.dumps(data)
+    got = read_json(_write(tmp_path, data), lazy_annotations=True)[0]["annotations"]
+    assert dict(got[0]) == {"image_id": 1} and dict(got[1]) == {"id": 101}  # only the keys the entry has
+    # a number beyond float range passes msgspec's skipping: its task decodes it as the standard library does
+    big = tmp_path / "big.json"
+    big.write_text(text.replace('"bbox": [2, 2, 18, 16]', '"bbox": [2, 1e400, 18, 16]', 1))
+    lazy, standard = read_json(big, lazy_annotations=True)
+    assert standard and holds_refs(lazy["annotations"])
+    assert decode_annotations(annotations_text(lazy["annotations"])) == json.loads(big.read_text())["annotations"]
+    # where it does not apply, the annotations are decoded as without it
+    odd = {"entry": text.replace('"annotations": [', '"annotations": [5, ', 1),
+           "nan": text.replace('"bbox": [2, 2, 18, 16]', '"bbox": [2, NaN, 18, 16]', 1)}  # fmt: skip
+    for name, body in odd.items():
+        (tmp_path / f"{name}.json").write_text(body)
+        got, standard = read_json(tmp_path / f"{name}.json", lazy_annotations=True)
+        assert not holds_refs(got["annotations"]) and standard == (name == "entry")
+        assert repr(got) == repr(json.loads(body))
+    latin = tmp_path / "latin_annotation.json"  # msgspec does not check strings it skips: read_json does
+    body = text.replace('"iscrowd": 0', '"note": "cafX", "iscrowd": 0', 1).encode()
+    latin.write_bytes(body.replace(b"cafX", b"caf\xe9"))
+    with pytest.raises(DatasetError, match=r"latin_annotation.json: byte \d+: not UTF-8 text"):
+        read_json(latin, lazy_annotations=True)
+
+
 def test_collector_skips_alive_objects_and_restores_them():
     import gc
 
