@@ -272,9 +272,9 @@ def encode_json(data: Any, standard: bool) -> bytes:
     :func:`read_json`): every number is finite, and msgspec writes it (4.5x faster than the standard
     library: 1.15 s against 5.2 s for a 233 MB file in memory); else the standard library, which keeps ``NaN`` and
     ``Infinity`` as it read them (msgspec would write them as ``null``). :class:`AnnotationRef` s are written
-    as their source text (only a file msgspec reads has them)."""
+    as their source text, by msgspec (only a file msgspec reads has them)."""
     if isinstance(data, dict) and holds_refs(data.get("annotations")):
-        data = {**data, "annotations": msgspec.Raw(annotations_text(data["annotations"]))}
+        return msgspec.json.encode({**data, "annotations": msgspec.Raw(annotations_text(data["annotations"]))})
     return msgspec.json.encode(data) if standard else json.dumps(data).encode()
 
 
