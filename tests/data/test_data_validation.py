@@ -190,16 +190,24 @@ def test_lazy_annotations_keep_their_ids_and_exact_text(tmp_path, synthetic):
         with pytest.raises(ValueError, match="per-annotation checks need decoded annotations"):
             check_annotations(data, str(path))
     data, d = make_dataset(tmp_path)
-    del data["annotations"][0]["id"], data["annotations"][1]["image_id"]
     text = json.dumps(data)
-    got = read_json(_write(tmp_path, data), lazy_annotations=True)[0]["annotations"]
+    partial = copy.deepcopy(data)
+    del partial["annotations"][0]["id"], partial["annotations"][1]["image_id"]
+    got = read_json(_write(tmp_path, partial), lazy_annotations=True)[0]["annotations"]
     assert dict(got[0]) == {"image_id": 1} and dict(got[1]) == {"id": 101}  # only the keys the entry has
-    # a number beyond float range passes msgspec's skipping: its task decodes it as the standard library does
+    # a number beyond float range passes msgspec's skipping: its task decodes it as the standard library does,
+    # and the preprocessor reports it as the loader does
     big = tmp_path / "big.json"
     big.write_text(text.replace('"bbox": [2, 2, 18, 16]', '"bbox": [2, 1e400, 18, 16]', 1))
     lazy, standard = read_json(big, lazy_annotations=True)
     assert standard and holds_refs(lazy["annotations"])
     assert decode_annotations(annotations_text(lazy["annotations"])) == json.loads(big.read_text())["annotations"]
+    with pytest.raises(DatasetError) as ours:
+        preprocess("coco", d, big, tmp_path / "out_big", shard_size=2, engine="local", log=lambda _: None)
+    with pytest.raises(DatasetError) as loader:
+        read_coco(big, d)
+    found = [[(i.reason, i.ann_id) for i in e.value.issues] for e in (ours, loader)]
+    assert found == [[("bad_bbox", 100)]] * 2
     # where it does not apply, the annotations are decoded as without it
     odd = {"entry": text.replace('"annotations": [', '"annotations": [5, ', 1),
            "nan": text.replace('"bbox": [2, 2, 18, 16]', '"bbox": [2, NaN, 18, 16]', 1)}  # fmt: skip
