@@ -23,6 +23,7 @@ from diffusioninst.data.records import DatasetMeta, ImageRecord, Instance, lvis_
 from diffusioninst.data.validation import (
     CheckReport,
     Issue,
+    _is_int,
     apply_skips,
     check_annotations,
     check_image_file,
@@ -56,7 +57,7 @@ def check_files_of(
         return
     bad = report.bad_images
     for img in data["images"]:
-        if not isinstance(img, dict) or type(img.get("id")) is not int or img["id"] in bad or "height" not in img:
+        if not isinstance(img, dict) or not _is_int(img.get("id")) or img["id"] in bad or "height" not in img:
             continue  # reported by the JSON checks
         try:
             path = file_name_of(img, images_dir)

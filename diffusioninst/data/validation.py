@@ -283,6 +283,11 @@ def _is_int(v: Any) -> bool:
     return type(v) is int
 
 
+def _container(v: Any) -> bool:
+    """A JSON list or object: no id, and unhashable (it cannot be looked up among ids)."""
+    return isinstance(v, (list, dict))
+
+
 def _int_ids(entries: list) -> Counter:
     """How often each integer id occurs among the object entries (an entry without one is reported on its own;
     a list id would be unhashable)."""
@@ -348,7 +353,7 @@ def annotation_issue(ann: dict, height: int, width: int, categories: Container) 
         ``(reason, message)`` of the first problem, or None.
     """
     cid = ann.get("category_id")
-    if isinstance(cid, (list, dict)) or cid not in categories:  # a JSON list or object is no category id
+    if _container(cid) or cid not in categories:
         return "unknown_category", f"category_id {cid!r} is not declared"
     box = ann.get("bbox")
     if not (isinstance(box, list) and len(box) == 4 and finite_numbers(box)):
@@ -413,7 +418,7 @@ def check_annotations(data: dict[str, Any], source: str, per_annotation: bool = 
         if ann_seen[aid] > 1:
             add(Issue("duplicate_annotation_id", annotation_where(ann), f"id appears {ann_seen[aid]} times", iid, aid))
             continue
-        known = not isinstance(iid, (list, dict))  # a JSON list or object is no image id
+        known = not _container(iid)
         if known and iid in bad_image_ids:
             add(Issue("annotation_of_skipped_image", annotation_where(ann), "its image was skipped", iid, aid))
             continue
@@ -488,15 +493,10 @@ def apply_skips(data: dict[str, Any], report: CheckReport) -> dict[str, Any]:
     for ann in data["annotations"]:
         if not isinstance(ann, dict) or not _is_int(ann.get("id")) or ann["id"] in bad_anns:
             continue
-        if isinstance(ann.get("image_id"), (list, dict)) or ann.get("image_id") not in kept_ids:
+        iid = ann.get("image_id")
+        if _container(iid) or iid not in kept_ids:
             report.issues.append(
-                Issue(
-                    "annotation_of_skipped_image",
-                    annotation_where(ann),
-                    "its image was skipped",
-                    ann.get("image_id"),
-                    ann["id"],
-                )
+                Issue("annotation_of_skipped_image", annotation_where(ann), "its image was skipped", iid, ann["id"])
             )
             continue
         annotations.append(ann)
