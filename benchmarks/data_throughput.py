@@ -18,7 +18,8 @@ Every worker runs with one thread (cv2.setNumThreads(1), torch.set_num_threads(1
 consumers keep freed memory for reuse, as training processes do (``host.keep_freed_memory``). Every ingest
 measurement times the same epochs (1..``--epochs``, after a warm-up epoch 0), and the plain loop (PIL) runs before
 and after each cached Ray measurement, whose ratio to it uses the mean of those two runs (the host drifts by
-up to 10% within minutes). Writes JSON:
+up to 10% within minutes). What two busy processes get from the host against one, at the start and at the end
+(``environment.host_two_process_scaling``), bounds every 2-worker ratio on a shared virtual machine. Writes JSON:
 
     python benchmarks/data_throughput.py --out benchmarks/results/data_throughput.json
 """
@@ -42,7 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import cv2
 import numpy as np
 import torch
-from host_info import cpu_model
+from host_info import cpu_model, two_process_scaling
 
 from diffusioninst.config import ExperimentConfig, load_config
 from diffusioninst.data.preprocess import local_runtime_env
@@ -372,6 +373,7 @@ def main(argv: list[str] | None = None) -> int:
 
     cfg = ensure_dataset(bench_config(work, args.num_images))
     results: dict = {"num_images": args.num_images, "image_size_hw": [480, 640], "timed_epochs": args.epochs}
+    scaling_before = two_process_scaling()  # the most a 2-worker ratio can reach on this host right now
 
     results["preprocess_images_per_s"] = {}
     for n in args.preprocess_images if args.only != "ingest" else []:
@@ -381,6 +383,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.only != "preprocess":
         results["train_ingest_images_per_s"] = ingest_throughput(cfg, work, args.num_images, args.epochs)
     results["environment"] = {
+        "host_two_process_scaling": {"before": scaling_before, "after": two_process_scaling()},
         "cpus": os.cpu_count(),
         "cpu_model": cpu_model(),
         "python": platform.python_version(),

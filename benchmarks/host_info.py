@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import multiprocessing
 import platform
+import statistics
+import time
 
-__all__ = ["cpu_model"]
+__all__ = ["cpu_model", "two_process_scaling"]
 
 
 def cpu_model() -> str:
@@ -23,3 +26,28 @@ def cpu_model() -> str:
     except OSError:
         pass
     return f"{name} ({', '.join(flags) or 'no AVX2'})"
+
+
+def _spin(n: int) -> float:
+    t0 = time.perf_counter()
+    s = 0
+    for i in range(n):
+        s += i * i % 7
+    return time.perf_counter() - t0
+
+
+def two_process_scaling(n: int = 10_000_000, rounds: int = 3) -> dict:
+    """How much two busy processes get from the machine right now, against one: the same pure-Python loop
+    timed alone and then twice at once (fresh processes, ``spawn``), ``rounds`` times alternated.
+    ``scaling`` is 2 x (time alone) / (time of the slower of the two), the median over rounds: the most a
+    2-worker run can gain over a single process at this moment. On a shared virtual machine it falls well
+    below 2 when the host is busy, and it can change within minutes."""
+    ctx = multiprocessing.get_context("spawn")
+    alone, pair = [], []
+    with ctx.Pool(2) as pool:
+        pool.map(_spin, [n // 10] * 2)  # start-up and imports out of the timing
+        for _ in range(rounds):
+            alone.append(pool.apply(_spin, (n,)))
+            pair.append(max(pool.map(_spin, [n, n], chunksize=1)))
+    ratios = [2 * a / b for a, b in zip(alone, pair)]
+    return {"alone_s": alone, "pair_slower_s": pair, "scaling": statistics.median(ratios)}
