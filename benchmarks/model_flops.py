@@ -17,6 +17,7 @@ Then it measures what this machine's two threads can do: MKL's SGEMM at a few si
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -60,12 +61,24 @@ def _dense_flops(packet, args, kwargs, out) -> int:
 
 class OpTimer(TorchDispatchMode):
     """Times every aten operator (wall clock around the call) and counts the FLOPs of those torch has a formula
-    for. Categories: ``conv_forward``, ``conv_backward``, ``matmul`` (dense), ``sparse_product``, ``other``."""
+    for. Categories: ``conv_forward``, ``conv_backward``, ``matmul`` (dense), ``sparse_product``, ``other``.
+    ``phase_flops`` splits the FLOPs by the phase named through :meth:`phase` (``model_speed._train_step``
+    names ``forward``, ``backward`` and ``optimizer`` when handed this timer's :meth:`phase`)."""
 
     def __init__(self) -> None:
         super().__init__()
         self.seconds: dict[str, float] = defaultdict(float)
         self.flops: dict[str, int] = defaultdict(int)
+        self.phase_flops: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
+        self._phase = "unnamed"
+
+    @contextlib.contextmanager
+    def phase(self, name: str):
+        previous, self._phase = self._phase, name
+        try:
+            yield
+        finally:
+            self._phase = previous
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -85,6 +98,7 @@ class OpTimer(TorchDispatchMode):
             key, flops = "other", _dense_flops(packet, args, kwargs, out) if packet in flop_registry else 0
         self.seconds[key] += dt
         self.flops[key] += flops
+        self.phase_flops[self._phase][key] += flops
         return out
 
 
@@ -144,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     timer = OpTimer()
     t0 = time.perf_counter()
     with timer:
-        _train_step(model, opt, params, images, sizes, targets, 300)
+        _train_step(model, opt, params, images, sizes, targets, 300, timer.phase)
     timed_total = time.perf_counter() - t0
 
     gflop = {k: v / 1e9 for k, v in timer.flops.items()}
@@ -169,6 +183,9 @@ def main(argv: list[str] | None = None) -> int:
         "train_iter_s": {"median": median, "runs": plain, "with_operator_timer": timed_total},
         "train_iter_gflop": total_gflop,
         "categories": categories,
+        "gflop_by_phase": {
+            phase: {k: v / 1e9 for k, v in sorted(flops.items()) if v} for phase, flops in timer.phase_flops.items()
+        },
         "machine_gflop_per_s": rates,
         "achieved_gflop_per_s": total_gflop / median,
         "official_train_iter_s": OFFICIAL["r50"]["train_iter_s"],

@@ -55,3 +55,17 @@ def test_a_sparse_product_is_counted_by_its_non_zeros():
         torch.sparse.mm(sparse, dense)
     assert timer.flops["sparse_product"] == 2 * (2 * 4 * 16)
     assert "matmul" not in timer.flops  # torch's counter would have charged 2 x (2 x 6 x 8 x 16) as dense
+
+
+def test_flops_are_split_by_the_phase_they_ran_in():
+    x, w = torch.randn(1, 3, 8, 10), torch.randn(7, 3, 3, 3, requires_grad=True)
+    timer = OpTimer()
+    with timer:
+        with timer.phase("forward"):
+            loss = F.conv2d(x, w, padding=1).sum()
+        with timer.phase("backward"):
+            loss.backward()
+    conv = 2 * 7 * 3 * 9 * 8 * 10
+    assert timer.phase_flops["forward"]["conv_forward"] == conv
+    assert timer.phase_flops["backward"]["conv_backward"] == conv  # weight gradient only: x needs none
+    assert "conv_backward" not in timer.phase_flops["forward"]
