@@ -11,6 +11,8 @@ Then it measures what this machine's two threads can do: MKL's SGEMM at a few si
 * ``floor_s_at_gemm_peak``: the iteration's FLOPs at the best SGEMM rate, with no time for anything else;
 * ``rate_needed_for_target``: the FLOP rate the whole iteration must sustain to reach the target time.
 
+``gflop_by_phase`` splits the FLOPs into the forward pass, the backward pass and the optimizer step.
+
     PYTHONPATH=. python benchmarks/model_flops.py --out benchmarks/results/model_flops_epyc.json
 """
 
