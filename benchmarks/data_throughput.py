@@ -43,18 +43,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import cv2
 import numpy as np
 import torch
-from host_info import cpu_model, two_process_scaling
+from host_info import cpu_model, process_cpu, two_process_scaling
 
 from diffusioninst.config import ExperimentConfig, load_config
 from diffusioninst.data.preprocess import local_runtime_env
 from diffusioninst.engine.host import keep_freed_memory
-
-
-def proc_cpu_seconds(pid: int) -> float:
-    """user + system CPU seconds of a live process (Linux /proc)."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def minor_faults() -> int:
@@ -227,12 +220,12 @@ def dataloader_ingest(cfg: ExperimentConfig, batches: int, warmup: int = 5) -> d
     for _ in range(warmup):
         next(it)
     pids = [w.pid for w in getattr(it, "_workers", [])]
-    cpu0 = sum(proc_cpu_seconds(p) for p in pids) + time.process_time()
+    cpu0 = sum(process_cpu(p)[1] for p in pids) + time.process_time()
     t = time.perf_counter()
     for _ in range(batches):
         next(it)
     wall = time.perf_counter() - t
-    cpu = sum(proc_cpu_seconds(p) for p in pids) + time.process_time() - cpu0
+    cpu = sum(process_cpu(p)[1] for p in pids) + time.process_time() - cpu0
     del it
     return {"images_per_s": batches * 4 / wall, "cpu_ms_per_image": 1e3 * cpu / (batches * 4)}
 

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import multiprocessing
+import os
 import platform
 import statistics
 import time
 
-__all__ = ["cpu_model", "two_process_scaling"]
+__all__ = ["cpu_model", "process_cpu", "two_process_scaling"]
 
 
 def cpu_model() -> str:
@@ -26,6 +27,15 @@ def cpu_model() -> str:
     except OSError:
         pass
     return f"{name} ({', '.join(flags) or 'no AVX2'})"
+
+
+def process_cpu(pid: int) -> tuple[str, float]:
+    """A live process's name and its user + system CPU seconds (Linux ``/proc/<pid>/stat``); OSError once it is
+    gone."""
+    with open(f"/proc/{pid}/stat") as f:
+        stat = f.read()
+    fields = stat.rsplit(")", 1)[1].split()
+    return stat[stat.find("(") + 1 : stat.rfind(")")], (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _spin(n: int) -> float:

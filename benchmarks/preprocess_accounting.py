@@ -35,13 +35,11 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from data_throughput import _preprocess_rate, bench_config, single_thread
-from host_info import cpu_model, two_process_scaling
+from host_info import cpu_model, process_cpu, two_process_scaling
 
 import diffusioninst.data.preprocess as pre
 from diffusioninst.data.loaders import ensure_dataset
 from diffusioninst.engine.host import keep_freed_memory
-
-TICK = os.sysconf("SC_CLK_TCK")
 
 
 def machine_times() -> tuple[int, int]:
@@ -54,14 +52,11 @@ def machine_times() -> tuple[int, int]:
 def processes_cpu() -> dict[int, tuple[str, float]]:
     """pid -> (name, user + system CPU seconds) of every live process."""
     out = {}
-    for pid in filter(str.isdigit, os.listdir("/proc")):
+    for pid in map(int, filter(str.isdigit, os.listdir("/proc"))):
         try:
-            with open(f"/proc/{pid}/stat") as f:
-                stat = f.read()
-        except OSError:
+            out[pid] = process_cpu(pid)
+        except OSError:  # gone meanwhile
             continue
-        name, fields = stat[stat.find("(") + 1 : stat.rfind(")")], stat.rsplit(")", 1)[1].split()
-        out[int(pid)] = (name, (int(fields[11]) + int(fields[12])) / TICK)
     return out
 
 
