@@ -6,7 +6,9 @@ resizes them to a 480..800 shortest edge), then measures images/s of
 * preprocessing (600 and 2400 images by default): ``diffusioninst.data.preprocess`` in one process without
   Ray (``engine="local"``: the plain loop, doing the same work) vs the same on a local Ray with 1 and 2 CPUs
   (cold = first run, warm = mean of three reruns, each between two runs without Ray); also a minimal loop
-  (decode-check + RLE + Parquet write, without the JSON checks, checksums and manifest) for reference;
+  (decode-check + RLE + Parquet write, without the JSON checks, checksums and manifest) for reference. Every
+  run writes into an empty folder, the previous run's output removed off the clock (``--preprocess-output
+  existing``: every run replaces it instead, and deleting it is timed too);
 * training ingest: a plain single-process loop vs the local torch DataLoader (``data.decode_workers`` = 1, 2)
   vs Ray Data (Parquet shards -> the shards ``PartitionedTrainConfig`` hands to Ray Train workers ->
   ``iter_train_batches``, collating inline like the plain loop, and for 1 consumer also one batch ahead in
@@ -31,6 +33,7 @@ import json
 import os
 import platform
 import resource
+import shutil
 import statistics
 import sys
 import tempfile
@@ -88,15 +91,25 @@ def bench_config(root: Path, n: int, workers: int = 0, backend: str = "pil") -> 
 # preprocessing
 
 
-def minimal_preprocess_loop(cfg: ExperimentConfig, out: Path) -> float:
+def empty_output(out: Path) -> None:
+    """Remove ``out`` (a previous run's output) and wait until the file system has written back and freed it
+    (``os.sync``), so that a run timed next starts on an empty folder and a quiet disk."""
+    shutil.rmtree(out, ignore_errors=True)
+    os.sync()
+
+
+def minimal_preprocess_loop(cfg: ExperimentConfig, out: Path, into_empty: bool = False) -> float:
     """A leaner job than ``preprocess`` in one process: decode-check every image, then encode and write shards
-    (no JSON validation, checksums, GT JSON or manifest). Reported for reference; images/s."""
+    (no JSON validation, checksums, GT JSON or manifest). Reported for reference; images/s. ``into_empty``: as
+    for :func:`_preprocess_rate`."""
     import pyarrow.parquet as pq
 
     from diffusioninst.data.coco import read_coco
     from diffusioninst.data.preprocess import encode_records
     from diffusioninst.data.validation import check_image_file
 
+    if into_empty:
+        empty_output(out)
     out.mkdir(parents=True, exist_ok=True)
     t = time.perf_counter()
     loaded = read_coco(cfg.data.train.annotations, cfg.data.train.images, check_files="none")
@@ -112,9 +125,14 @@ def minimal_preprocess_loop(cfg: ExperimentConfig, out: Path) -> float:
     return len(loaded.records) / (time.perf_counter() - t)
 
 
-def _preprocess_rate(cfg: ExperimentConfig, out: Path, shard_size: int, engine: str) -> float:
+def _preprocess_rate(cfg: ExperimentConfig, out: Path, shard_size: int, engine: str, into_empty: bool = False) -> float:
+    """images/s of one ``preprocess`` of ``cfg``'s train split into ``out`` with ``force``. ``into_empty``: the
+    previous output is removed first, off the clock (:func:`empty_output`), as for a first run into a new
+    folder; otherwise the run replaces it (deleting the previous shards is then part of the run)."""
     from diffusioninst.data.preprocess import preprocess
 
+    if into_empty:
+        empty_output(out)
     t = time.perf_counter()
     preprocess("coco", cfg.data.train.images, cfg.data.train.annotations, out, force=True, shard_size=shard_size,
                log=lambda _: None, engine=engine)  # fmt: skip
@@ -122,7 +140,13 @@ def _preprocess_rate(cfg: ExperimentConfig, out: Path, shard_size: int, engine: 
 
 
 def ray_preprocess(
-    cfg: ExperimentConfig, out: Path, cpus: int, shard_size: int, no_ray: Callable[[], float], rounds: int = 3
+    cfg: ExperimentConfig,
+    out: Path,
+    cpus: int,
+    shard_size: int,
+    no_ray: Callable[[], float],
+    rounds: int = 3,
+    into_empty: bool = False,
 ) -> dict:
     """``preprocess`` on a fresh local Ray with ``cpus`` CPUs: the first run (workers start, imports), then
     ``rounds`` warm runs, each between two runs of ``no_ray`` (the same work without Ray, in this process while
@@ -133,10 +157,10 @@ def ray_preprocess(
     ray.init(num_cpus=cpus, include_dashboard=False, logging_level="ERROR", runtime_env=local_runtime_env())
     ray.data.DataContext.get_current().enable_progress_bars = False
     try:
-        cold = _preprocess_rate(cfg, out, shard_size, "ray")
+        cold = _preprocess_rate(cfg, out, shard_size, "ray", into_empty)
         around, warm = [no_ray()], []
         for _ in range(rounds):
-            warm.append(_preprocess_rate(cfg, out, shard_size, "ray"))
+            warm.append(_preprocess_rate(cfg, out, shard_size, "ray", into_empty))
             around.append(no_ray())
     finally:
         ray.shutdown()
@@ -149,19 +173,27 @@ def ray_preprocess(
     }
 
 
-def preprocess_throughput(cfg: ExperimentConfig, work: Path) -> dict:
+def preprocess_throughput(cfg: ExperimentConfig, work: Path, into_empty: bool = False) -> dict:
     """The same preprocessing (``diffusioninst.data.preprocess``: 25-image shards) in one process without Ray
     (``engine="local"``, the plain loop the goals are stated against) and on Ray with 1 and 2 CPUs, the runs
     without Ray alternating with Ray's warm runs (:func:`ray_preprocess`). The minimal loop, for reference,
-    runs twice before and twice after. Everything runs once first to warm up (page cache, imports)."""
+    runs twice before and twice after. Everything runs once first to warm up (page cache, imports).
+    ``into_empty``: every run writes into an empty folder (:func:`_preprocess_rate`)."""
     n, shard_size = cfg.data.synthetic.num_train, 25
-    res: dict = {"num_images": n, "shard_size": shard_size, "load_avg_before": load()}
-    local = lambda: _preprocess_rate(cfg, work / "local_shards", shard_size, "local")  # noqa: E731
-    minimal = lambda: minimal_preprocess_loop(cfg, work / "minimal_shards")  # noqa: E731
+    res: dict = {
+        "num_images": n,
+        "shard_size": shard_size,
+        "output": "empty folder" if into_empty else "replacing the previous run's output",
+        "load_avg_before": load(),
+    }
+    local = lambda: _preprocess_rate(cfg, work / "local_shards", shard_size, "local", into_empty)  # noqa: E731
+    minimal = lambda: minimal_preprocess_loop(cfg, work / "minimal_shards", into_empty)  # noqa: E731
     local(), minimal()  # warm-up: page cache, imports
     mini = [minimal(), minimal()]
     for cpus in (1, 2):
-        res[f"ray_data_{cpus}_cpu"] = ray_preprocess(cfg, work / f"shards_{cpus}", cpus, shard_size, local)
+        res[f"ray_data_{cpus}_cpu"] = ray_preprocess(
+            cfg, work / f"shards_{cpus}", cpus, shard_size, local, into_empty=into_empty
+        )
     mini += [minimal(), minimal()]
     loc = [x for cpus in (1, 2) for x in res[f"ray_data_{cpus}_cpu"]["no_ray_runs_around"]]
     res["same_work_1_process_no_ray"] = {"runs": loc, "mean": statistics.fmean(loc)}
@@ -347,6 +379,14 @@ def main(argv: list[str] | None = None) -> int:
         help="split sizes the preprocessing is measured at, comma-separated (default 600,2400; Ray's fixed cost "
         "per run weighs less on the larger one)",
     )
+    parser.add_argument(
+        "--preprocess-output",
+        choices=("empty", "existing"),
+        default="empty",
+        help="empty (default): every preprocessing run writes into an empty folder, the previous output removed "
+        "off the clock, as a first run does; existing: every run replaces the previous run's output, so deleting "
+        "its shards is timed too (the protocol of the result files before this option)",
+    )
     parser.add_argument("--out", default="benchmarks/results/data_throughput.json")
     parser.add_argument(
         "--only", choices=("preprocess", "ingest"), default=None, help="measure one half only (default: both)"
@@ -371,7 +411,9 @@ def main(argv: list[str] | None = None) -> int:
     results["preprocess_images_per_s"] = {}
     for n in args.preprocess_images if args.only != "ingest" else []:
         pcfg = cfg if n == args.num_images else ensure_dataset(bench_config(work, n))
-        results["preprocess_images_per_s"][str(n)] = preprocess_throughput(pcfg, work / f"pre_{n}")
+        results["preprocess_images_per_s"][str(n)] = preprocess_throughput(
+            pcfg, work / f"pre_{n}", into_empty=args.preprocess_output == "empty"
+        )
 
     if args.only != "preprocess":
         results["train_ingest_images_per_s"] = ingest_throughput(cfg, work, args.num_images, args.epochs)

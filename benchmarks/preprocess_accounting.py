@@ -14,6 +14,9 @@ For each warm run of ``preprocess`` on a local Ray with ``--cpus`` CPUs (synthet
 ``host_two_process_scaling`` (before and after the runs) is what two busy processes get from the machine against
 one at that time (``host_info.two_process_scaling``): on a shared virtual machine, the ceiling of any 2-CPU ratio.
 
+Every run writes into an empty folder, the previous output removed and synced off the clock (``--output
+existing``: every run replaces the previous run's output instead, and deleting it is timed too).
+
 Linux only (``/proc``); the tasks report through files in a temporary folder, so one machine only.
 
     PYTHONPATH=. python benchmarks/preprocess_accounting.py --images 2400 --cpus 2 --rounds 4
@@ -34,7 +37,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from data_throughput import _preprocess_rate, bench_config, single_thread
+from data_throughput import _preprocess_rate, bench_config, empty_output, single_thread
 from host_info import cpu_model, process_cpu, two_process_scaling
 
 import diffusioninst.data.preprocess as pre
@@ -82,6 +85,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cpus", type=int, default=2)
     p.add_argument("--rounds", type=int, default=4)
     p.add_argument("--root", default=None, help="synthetic cache folder (default: a temporary folder)")
+    p.add_argument(
+        "--output",
+        choices=("empty", "existing"),
+        default="empty",
+        help="empty (default): every run writes into an empty folder, the previous output removed off the clock; "
+        "existing: every run replaces the previous run's output (deleting it is timed)",
+    )
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "preprocess_accounting.json"))
     args = p.parse_args(argv)
     single_thread()
@@ -104,8 +114,10 @@ def main(argv: list[str] | None = None) -> int:
 
     import ray
 
+    into_empty = args.output == "empty"
+
     def no_ray() -> float:
-        return _preprocess_rate(cfg, work / "no_ray", 25, "local")
+        return _preprocess_rate(cfg, work / "no_ray", 25, "local", into_empty)
 
     no_ray()
     scaling_before = two_process_scaling()
@@ -113,11 +125,13 @@ def main(argv: list[str] | None = None) -> int:
     ray.data.DataContext.get_current().enable_progress_bars = False
     runs = []
     try:
-        _preprocess_rate(cfg, work / "ray", 25, "ray")  # workers start, imports
+        _preprocess_rate(cfg, work / "ray", 25, "ray", into_empty)  # workers start, imports
         before = no_ray()
         for _ in range(args.rounds):
             for f in os.listdir(log_dir):
                 os.remove(os.path.join(log_dir, f))
+            if into_empty:
+                empty_output(work / "ray")
             idle0, total0 = machine_times()
             procs0, cpu0, t0 = processes_cpu(), time.process_time(), time.time()
             rate = _preprocess_rate(cfg, work / "ray", 25, "ray")
@@ -163,6 +177,7 @@ def main(argv: list[str] | None = None) -> int:
         "host_two_process_scaling": {"before": scaling_before, "after": two_process_scaling()},
         "images": args.images,
         "cpus": args.cpus,
+        "output": "empty folder" if into_empty else "replacing the previous run's output",
         "cpu_model": cpu_model(),
         "runs": runs,
         "median_vs_same_work_no_ray": statistics.median(r["vs_same_work_no_ray"] for r in runs),
