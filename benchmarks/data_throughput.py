@@ -5,7 +5,7 @@ resizes them to a 480..800 shortest edge), then measures images/s of
 
 * preprocessing (600 and 2400 images by default): ``diffusioninst.data.preprocess`` in one process without
   Ray (``engine="local"``: the plain loop, doing the same work) vs the same on a local Ray with 1 and 2 CPUs
-  (cold = first run, warm = mean of three reruns, each between two runs without Ray); also a minimal loop
+  (cold = first run, then ``--preprocess-rounds`` warm runs, each between two runs without Ray); also a minimal loop
   (decode-check + RLE + Parquet write, without the JSON checks, checksums and manifest) for reference. Every
   run writes into an empty folder, the previous run's output removed off the clock (``--preprocess-output
   existing``: every run replaces it instead, and deleting it is timed too);
@@ -151,7 +151,9 @@ def ray_preprocess(
     """``preprocess`` on a fresh local Ray with ``cpus`` CPUs: the first run (workers start, imports), then
     ``rounds`` warm runs, each between two runs of ``no_ray`` (the same work without Ray, in this process while
     Ray idles; images/s). The host drifts by up to 10% within minutes, so the warm runs are compared with the
-    runs around them: ``vs_same_work_no_ray`` is the mean warm rate over the mean of those."""
+    runs around them: ``vs_same_work_no_ray`` is the mean warm rate over the mean of those, and
+    ``vs_same_work_no_ray_per_run`` each warm run's rate over the mean of the two runs right around it (a single
+    run moves by up to 8% either way here, so their median is the steadier figure)."""
     import ray
 
     ray.init(num_cpus=cpus, include_dashboard=False, logging_level="ERROR", runtime_env=local_runtime_env())
@@ -164,21 +166,25 @@ def ray_preprocess(
             around.append(no_ray())
     finally:
         ray.shutdown()
+    per_run = [w / statistics.fmean(around[k : k + 2]) for k, w in enumerate(warm)]
     return {
         "cold": cold,
         "warm_runs": warm,
         "warm": statistics.fmean(warm),
         "no_ray_runs_around": around,
         "vs_same_work_no_ray": statistics.fmean(warm) / statistics.fmean(around),
+        "vs_same_work_no_ray_per_run": per_run,
+        "median_vs_same_work_no_ray": statistics.median(per_run),
     }
 
 
-def preprocess_throughput(cfg: ExperimentConfig, work: Path, into_empty: bool = False) -> dict:
+def preprocess_throughput(cfg: ExperimentConfig, work: Path, into_empty: bool = False, rounds: int = 3) -> dict:
     """The same preprocessing (``diffusioninst.data.preprocess``: 25-image shards) in one process without Ray
     (``engine="local"``, the plain loop the goals are stated against) and on Ray with 1 and 2 CPUs, the runs
     without Ray alternating with Ray's warm runs (:func:`ray_preprocess`). The minimal loop, for reference,
     runs twice before and twice after. Everything runs once first to warm up (page cache, imports).
-    ``into_empty``: every run writes into an empty folder (:func:`_preprocess_rate`)."""
+    ``into_empty``: every run writes into an empty folder (:func:`_preprocess_rate`); ``rounds``: warm Ray runs
+    per CPU count."""
     n, shard_size = cfg.data.synthetic.num_train, 25
     res: dict = {
         "num_images": n,
@@ -192,7 +198,7 @@ def preprocess_throughput(cfg: ExperimentConfig, work: Path, into_empty: bool = 
     mini = [minimal(), minimal()]
     for cpus in (1, 2):
         res[f"ray_data_{cpus}_cpu"] = ray_preprocess(
-            cfg, work / f"shards_{cpus}", cpus, shard_size, local, into_empty=into_empty
+            cfg, work / f"shards_{cpus}", cpus, shard_size, local, rounds=rounds, into_empty=into_empty
         )
     mini += [minimal(), minimal()]
     loc = [x for cpus in (1, 2) for x in res[f"ray_data_{cpus}_cpu"]["no_ray_runs_around"]]
@@ -202,6 +208,7 @@ def preprocess_throughput(cfg: ExperimentConfig, work: Path, into_empty: bool = 
     lean = res["minimal_loop_1_process"]["mean"]
     for cpus in (1, 2):
         res[f"ray_{cpus}_cpu_vs_same_work_no_ray"] = res[f"ray_data_{cpus}_cpu"]["vs_same_work_no_ray"]
+        res[f"ray_{cpus}_cpu_median_vs_same_work_no_ray"] = res[f"ray_data_{cpus}_cpu"]["median_vs_same_work_no_ray"]
         res[f"ray_{cpus}_cpu_vs_minimal_loop"] = res[f"ray_data_{cpus}_cpu"]["warm"] / lean
     res["scaling_2_vs_1_warm"] = res["ray_data_2_cpu"]["warm"] / res["ray_data_1_cpu"]["warm"]
     return res
@@ -387,6 +394,12 @@ def main(argv: list[str] | None = None) -> int:
         "off the clock, as a first run does; existing: every run replaces the previous run's output, so deleting "
         "its shards is timed too (the protocol of the result files before this option)",
     )
+    parser.add_argument(
+        "--preprocess-rounds",
+        type=int,
+        default=6,
+        help="warm Ray runs per CPU count and split size, each between two runs without Ray (default 6)",
+    )
     parser.add_argument("--out", default="benchmarks/results/data_throughput.json")
     parser.add_argument(
         "--only", choices=("preprocess", "ingest"), default=None, help="measure one half only (default: both)"
@@ -412,7 +425,7 @@ def main(argv: list[str] | None = None) -> int:
     for n in args.preprocess_images if args.only != "ingest" else []:
         pcfg = cfg if n == args.num_images else ensure_dataset(bench_config(work, n))
         results["preprocess_images_per_s"][str(n)] = preprocess_throughput(
-            pcfg, work / f"pre_{n}", into_empty=args.preprocess_output == "empty"
+            pcfg, work / f"pre_{n}", into_empty=args.preprocess_output == "empty", rounds=args.preprocess_rounds
         )
 
     if args.only != "preprocess":
