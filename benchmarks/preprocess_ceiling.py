@@ -1,0 +1,146 @@
+"""How close Ray's 2-CPU preprocessing comes to two processes that share nothing.
+
+Two ``preprocess(engine="local")`` runs of the same split at once, each in its own process and into its own
+empty folder, do twice the work of one without any coordination: their combined rate over the rate of one run
+alone is the most that any engine with two workers can get from this machine for this work at that moment. The
+pure-Python loop of ``host_info.two_process_scaling`` misses what the real work shares (memory bandwidth, caches,
+the disk); this does not. Each round times, in an order that alternates between rounds: one run alone, two at
+once, and ``preprocess`` on a local Ray with 2 CPUs (from this process; Ray idles during the other runs, as in
+``data_throughput.py``). Every run writes into an empty folder, the previous output removed and synced off the
+clock.
+
+Per round: ``pair_vs_alone`` (the ceiling), ``ray_vs_alone`` (the ratio the data issue's goal is about) and
+``ray_vs_pair`` (Ray's share of the ceiling); the result holds their medians.
+
+    PYTHONPATH=. python benchmarks/preprocess_ceiling.py --images 2400 --rounds 8
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from data_throughput import _preprocess_rate, bench_config, empty_output, single_thread
+from host_info import cpu_model, two_process_scaling
+
+from diffusioninst.data.loaders import ensure_dataset
+from diffusioninst.data.preprocess import local_runtime_env
+from diffusioninst.engine.host import keep_freed_memory
+
+SHARD_SIZE = 25  # as data_throughput.py
+RATIOS = ("pair_vs_alone", "ray_vs_alone", "ray_vs_pair")
+
+
+def _init_worker() -> None:
+    single_thread()
+    keep_freed_memory()
+
+
+def local_run(images: str, annotations: str, out: str, barrier=None) -> dict:
+    """One ``preprocess(engine="local")`` into ``out`` (emptied beforehand by the caller): this process's id and
+    the run's start and end (``time.time``). ``barrier``: a ``multiprocessing`` barrier the run waits at first,
+    so that runs meant to be concurrent start together (and fail, rather than run one after the other, when two
+    of them landed in the same process)."""
+    from diffusioninst.data.preprocess import preprocess
+
+    if barrier is not None:
+        barrier.wait(timeout=120)
+    start = time.time()
+    preprocess("coco", images, annotations, out, force=True, shard_size=SHARD_SIZE, log=lambda _: None,
+               engine="local")  # fmt: skip
+    return {"pid": os.getpid(), "start": start, "end": time.time()}
+
+
+def pair_seconds(runs: list[dict]) -> float:
+    """Wall seconds of runs meant to be concurrent: first start to last end. Raises if two of them ran in the same
+    process (one after the other, so not at once)."""
+    if len({r["pid"] for r in runs}) != len(runs):
+        raise RuntimeError(f"the runs were not in {len(runs)} different processes: {runs}")
+    return max(r["end"] for r in runs) - min(r["start"] for r in runs)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--images", type=int, default=2400)
+    p.add_argument("--rounds", type=int, default=8)
+    p.add_argument("--root", default=None, help="synthetic cache and output folder (default: a temporary folder)")
+    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "preprocess_ceiling.json"))
+    args = p.parse_args(argv)
+    single_thread()
+    keep_freed_memory()
+    work = Path(args.root or tempfile.mkdtemp(prefix="preprocess_ceiling_"))
+    cfg = ensure_dataset(bench_config(work, args.images))
+    n = cfg.data.synthetic.num_train
+    src = (str(cfg.data.train.images), str(cfg.data.train.annotations))
+    outs = [work / "local_a", work / "local_b"]
+
+    def alone(pool) -> float:
+        empty_output(outs[0])
+        run = pool.apply(local_run, (*src, str(outs[0])))
+        return n / (run["end"] - run["start"])
+
+    def pair(pool) -> float:
+        for out in outs:
+            empty_output(out)
+        barrier = manager.Barrier(2)
+        runs = pool.starmap(local_run, [(*src, str(out), barrier) for out in outs], chunksize=1)
+        return 2 * n / pair_seconds(runs)
+
+    import ray
+
+    scaling_before = two_process_scaling()
+    rounds = []
+    ctx = multiprocessing.get_context("spawn")
+    with ctx.Manager() as manager, ctx.Pool(2, initializer=_init_worker) as pool:
+        pair(pool)  # imports and first-run costs in both processes, untimed
+        ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", runtime_env=local_runtime_env())
+        ray.data.DataContext.get_current().enable_progress_bars = False
+        try:
+            _preprocess_rate(cfg, work / "ray", SHARD_SIZE, "ray", True)  # workers start, imports
+            for r in range(args.rounds):
+                order = ("alone", "pair", "ray") if r % 2 == 0 else ("ray", "pair", "alone")
+                rates = {}
+                for name in order:
+                    if name == "ray":
+                        rates[name] = _preprocess_rate(cfg, work / "ray", SHARD_SIZE, "ray", True)
+                    else:
+                        rates[name] = alone(pool) if name == "alone" else pair(pool)
+                rounds.append(
+                    {
+                        "order": list(order),
+                        "rate": rates,
+                        "pair_vs_alone": rates["pair"] / rates["alone"],
+                        "ray_vs_alone": rates["ray"] / rates["alone"],
+                        "ray_vs_pair": rates["ray"] / rates["pair"],
+                    }
+                )
+                print(json.dumps(rounds[-1]), flush=True)
+        finally:
+            ray.shutdown()
+    result = {
+        "images": n,
+        "shard_size": SHARD_SIZE,
+        "cpu_model": cpu_model(),
+        "host_two_process_scaling": {"before": scaling_before, "after": two_process_scaling()},
+        "rounds": rounds,
+        "median": {k: statistics.median(x[k] for x in rounds) for k in RATIOS},
+    }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+    print(f"medians {json.dumps(result['median'])}; wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
