@@ -32,6 +32,7 @@ import json
 import os
 import pickle
 import shutil
+import threading
 from collections import Counter
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -222,7 +223,7 @@ def process_shard(
         reencoded=len(reencode),
         label_images={str(k): n for k, n in sorted(labels.items())},
     )
-    (Path(staging) / f"part-{shard:05d}.done.json").write_text(json.dumps(marker))
+    (Path(staging) / _marker_name(shard)).write_text(json.dumps(marker))
     return marker
 
 
@@ -284,19 +285,66 @@ def _parts(data: dict, shard_size: int) -> list[dict]:
     return parts
 
 
+def _marker_name(shard: int) -> str:
+    return f"part-{shard:05d}.done.json"
+
+
 def _staged(parts: list[dict], run_fp: str, staging: Path | None) -> tuple[dict[int, dict], list[dict]]:
     """Split the shards into those an interrupted earlier run of the same inputs and settings already wrote to
-    ``staging`` (their markers, by shard) and the tasks still to do. ``staging`` None: nothing is reused."""
+    ``staging`` (their markers, by shard) and the tasks still to do. ``staging`` None: nothing is reused. A
+    marker that is not reused (other inputs or settings, or its shard file is gone) is removed: every marker of a
+    task's shard found during the pass is then this run's (:class:`_MarkerProgress`)."""
     markers, tasks = {}, []
     for k, part in enumerate(parts):
         fp = shard_fingerprint(run_fp, [img["id"] for img in part["images"]])
-        path = None if staging is None else staging / f"part-{k:05d}.done.json"
+        path = None if staging is None else staging / _marker_name(k)
         done = json.loads(path.read_text()) if path is not None and path.is_file() else None
         if done and done.get("fingerprint") == fp and done.get("written") and (staging / done["file"]).is_file():
             markers[k] = done
         else:
+            if done is not None:
+                path.unlink()
             tasks.append({"shard": k, "fingerprint": fp, "part": part})
     return markers, tasks
+
+
+class _MarkerProgress:
+    """Progress of a Ray pass, on the driver: every ``period`` seconds, counts the markers its shards' tasks have
+    written to ``staging`` (a shard's marker is its last file) and logs ``"n/N shard(s) done"`` each time another
+    tenth of them is done, as the local engine does; :meth:`finish` logs the last line. The tasks write to the
+    output's own folder, so this works wherever they run. Used as a context manager (a daemon thread)."""
+
+    def __init__(self, staging: Path, shards: list[int], log: Callable[[str], None], period: float = 2.0):
+        self.staging, self.names, self.log, self.period = staging, {_marker_name(k) for k in shards}, log, period
+        self.step, self.logged = max(1, len(shards) // 10), 0
+        self.lock, self.stop = threading.Lock(), threading.Event()
+        self.thread = threading.Thread(target=self._watch, name="preprocess-progress", daemon=True)
+
+    def _report(self, done: int) -> None:
+        with self.lock:
+            if done // self.step > self.logged // self.step or (done == len(self.names) > self.logged):
+                self.logged = done
+                self.log(f"{done}/{len(self.names)} shard(s) done")
+
+    def _watch(self) -> None:
+        while not self.stop.wait(self.period):
+            try:
+                done = sum(1 for e in os.scandir(self.staging) if e.name in self.names)
+            except OSError:  # the folder is briefly unreadable (a network file system): try again later
+                continue
+            self._report(done)
+
+    def finish(self) -> None:
+        """All shards are done: log the last line, if the watcher has not."""
+        self._report(len(self.names))
+
+    def __enter__(self) -> _MarkerProgress:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        self.thread.join()
 
 
 def _unstage(staging: Path, shards: list[int]) -> None:
@@ -308,11 +356,15 @@ def _unstage(staging: Path, shards: list[int]) -> None:
         staging.rmdir()
 
 
-def _run_ray(tasks: list[dict], kwargs: dict, keep_freed: bool, num_workers: int | None) -> dict[int, dict]:
+def _run_ray(
+    tasks: list[dict], kwargs: dict, keep_freed: bool, num_workers: int | None, log: Callable[[str], None] = print
+) -> dict[int, dict]:
     """The shards' Ray Data pass: one row per shard, at most 2 tasks per CPU, each doing its shards in turn and
     returning all their markers as one block. Ray's cost per task is about 10 ms here, and per block a task
     yields another 1-12 ms (600 images in 25-image shards, 2 CPUs: 0.78 s with 2 or 4 tasks, 0.83 s with 8;
-    1 CPU: 1.25-1.29 s with one block per task, 1.50-1.57 s with one per shard)."""
+    1 CPU: 1.25-1.29 s with one block per task, 1.50-1.57 s with one per shard). Progress per shard is logged
+    from the markers the tasks write (:class:`_MarkerProgress`; a pass that only checks writes none, and logs
+    its end)."""
     import ray
 
     if not ray.is_initialized():
@@ -324,7 +376,16 @@ def _run_ray(tasks: list[dict], kwargs: dict, keep_freed: bool, num_workers: int
     ds = _items_dataset(items, 2 * workers).map_batches(
         process_shard_batch, batch_size=None, fn_kwargs={**kwargs, "keep_freed": keep_freed}
     )
-    return {int(row["shard"]): json.loads(row["marker"]) for row in ds.take_all()}
+    staging = kwargs["staging"]
+    shards = [task["shard"] for task in tasks]
+    progress = _MarkerProgress(Path(staging), shards, log) if staging else None
+    with progress or contextlib.nullcontext():
+        markers = {int(row["shard"]): json.loads(row["marker"]) for row in ds.take_all()}
+    if progress is not None:
+        progress.finish()
+    else:
+        log(f"{len(shards)}/{len(shards)} shard(s) done")
+    return markers
 
 
 def _run_local(tasks: list[dict], kwargs: dict, keep_freed: bool, log: Callable[[str], None]) -> dict[int, dict]:
@@ -471,7 +532,7 @@ def preprocess(
             if engine == "local":
                 markers.update(_run_local(tasks, kwargs, keep_freed, log))
             else:
-                markers.update(_run_ray(tasks, kwargs, keep_freed, num_workers))
+                markers.update(_run_ray(tasks, kwargs, keep_freed, num_workers, log))
 
         with cyclic_gc_paused():
             markers = dict(sorted(markers.items()))

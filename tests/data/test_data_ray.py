@@ -63,6 +63,7 @@ def test_preprocess_policies_schema_rerun_and_resume(ray_cluster, tmp_path, monk
         "unknown_image_id": 1,
     }
     assert any("corrupt_image" in line for line in logs)  # skips are reported on the console too
+    assert "2/2 shard(s) done" in logs  # progress, from the markers the tasks wrote
     assert manifest["counts"] == {
         "images": 5,
         "instances": 4,
@@ -127,7 +128,7 @@ def test_preprocess_policies_schema_rerun_and_resume(ray_cluster, tmp_path, monk
     (out / "manifest.json").unlink()
     logs.clear()
     resumed = preprocess("coco", images, ann, out, on_bad_record="skip", shard_size=3, log=logs.append)
-    assert any("resuming: 1 of 2" in line for line in logs)
+    assert any("resuming: 1 of 2" in line for line in logs) and "1/1 shard(s) done" in logs
     assert resumed["shards"] == manifest["shards"] and read_manifest(out)["counts"] == manifest["counts"]
     assert resumed["skipped"] == manifest["skipped"] and resumed["source"] == manifest["source"]
     assert {p.name: p.read_bytes() for p in out.glob("part-*.parquet")} == before

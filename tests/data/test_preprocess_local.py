@@ -164,3 +164,34 @@ def test_shard_inputs_reach_their_task_unchanged():
         blob = pack_part(part)
         assert blob[:1] == (b"P" if big else b"M")
         assert repr(unpack_part(blob)) == repr(part)  # repr: NaN compares unequal to itself
+
+
+def test_ray_pass_progress_counts_this_runs_markers_at_every_tenth(tmp_path):
+    import time
+
+    from diffusioninst.data.preprocess import _MarkerProgress, _staged
+
+    staging, logs = tmp_path / "staging", []
+    staging.mkdir()
+    # a marker an earlier run left for other inputs: not reused, and removed before the pass
+    (staging / "part-00003.done.json").write_text(json.dumps({"fingerprint": "old", "written": True, "file": "x"}))
+    parts = [{"images": [{"id": k}]} for k in range(20)]
+    markers, tasks = _staged(parts, "run", staging)
+    assert markers == {} and [t["shard"] for t in tasks] == list(range(20))
+    assert not (staging / "part-00003.done.json").exists()
+    (staging / "part-00099.done.json").write_text("{}")  # not one of this pass's shards
+    (staging / "part-00000.parquet").write_bytes(b"")  # a shard file without its marker is not done
+
+    def wait_for(line: str) -> None:
+        deadline = time.monotonic() + 10
+        while line not in logs:
+            assert time.monotonic() < deadline, (line, logs)
+            time.sleep(0.005)
+
+    with _MarkerProgress(staging, list(range(20)), logs.append, period=0.01) as progress:
+        for k in range(20):
+            (staging / f"part-{k:05d}.done.json").write_text("{}")
+            if k % 2 == 1:  # every tenth of 20 shards: 2, 4, ..., 20
+                wait_for(f"{k + 1}/20 shard(s) done")
+        progress.finish()
+    assert logs == [f"{n}/20 shard(s) done" for n in range(2, 21, 2)]  # each tenth once, the last not repeated
