@@ -223,7 +223,9 @@ def process_shard(
         reencoded=len(reencode),
         label_images={str(k): n for k, n in sorted(labels.items())},
     )
-    (Path(staging) / _marker_name(shard)).write_text(json.dumps(marker))
+    tmp = Path(staging) / (_marker_name(shard) + ".tmp")
+    tmp.write_text(json.dumps(marker))
+    os.replace(tmp, Path(staging) / _marker_name(shard))  # the marker is whole or absent, even if killed meanwhile
     return marker
 
 
@@ -289,6 +291,16 @@ def _marker_name(shard: int) -> str:
     return f"part-{shard:05d}.done.json"
 
 
+def _read_marker(path: Path) -> dict:
+    """A staged marker, or ``{}`` (not reusable) when it cannot be read as a JSON object: markers are written
+    whole (``os.replace``), but one from an older version or a damaged disk may not be."""
+    try:
+        done = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return {}
+    return done if isinstance(done, dict) else {}
+
+
 def _staged(parts: list[dict], run_fp: str, staging: Path | None) -> tuple[dict[int, dict], list[dict]]:
     """Split the shards into those an interrupted earlier run of the same inputs and settings already wrote to
     ``staging`` (their markers, by shard) and the tasks still to do. ``staging`` None: nothing is reused. A
@@ -298,7 +310,7 @@ def _staged(parts: list[dict], run_fp: str, staging: Path | None) -> tuple[dict[
     for k, part in enumerate(parts):
         fp = shard_fingerprint(run_fp, [img["id"] for img in part["images"]])
         path = None if staging is None else staging / _marker_name(k)
-        done = json.loads(path.read_text()) if path is not None and path.is_file() else None
+        done = _read_marker(path) if path is not None and path.is_file() else None
         if done and done.get("fingerprint") == fp and done.get("written") and (staging / done["file"]).is_file():
             markers[k] = done
         else:
@@ -348,10 +360,12 @@ class _MarkerProgress:
 
 
 def _unstage(staging: Path, shards: list[int]) -> None:
-    """Remove these shards (and their markers) from ``staging``, and ``staging`` once it is empty."""
+    """Remove these shards (and their markers, and what a killed run left half-written of either) from
+    ``staging``, and ``staging`` once it is empty."""
     for k in shards:
-        for name in (f"part-{k:05d}.parquet", f"part-{k:05d}.done.json"):
+        for name in (f"part-{k:05d}.parquet", _marker_name(k)):
             (staging / name).unlink(missing_ok=True)
+            (staging / (name + ".tmp")).unlink(missing_ok=True)
     if staging.is_dir() and not any(staging.iterdir()):
         staging.rmdir()
 

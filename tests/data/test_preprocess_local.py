@@ -173,12 +173,13 @@ def test_ray_pass_progress_counts_this_runs_markers_at_every_tenth(tmp_path):
 
     staging, logs = tmp_path / "staging", []
     staging.mkdir()
-    # a marker an earlier run left for other inputs: not reused, and removed before the pass
+    # markers an earlier run left for other inputs, or cut short: not reused, and removed before the pass
     (staging / "part-00003.done.json").write_text(json.dumps({"fingerprint": "old", "written": True, "file": "x"}))
+    (staging / "part-00004.done.json").write_text('{"fingerprint": "run')  # cut short: not reusable either
     parts = [{"images": [{"id": k}]} for k in range(20)]
     markers, tasks = _staged(parts, "run", staging)
     assert markers == {} and [t["shard"] for t in tasks] == list(range(20))
-    assert not (staging / "part-00003.done.json").exists()
+    assert not (staging / "part-00003.done.json").exists() and not (staging / "part-00004.done.json").exists()
     (staging / "part-00099.done.json").write_text("{}")  # not one of this pass's shards
     (staging / "part-00000.parquet").write_bytes(b"")  # a shard file without its marker is not done
 
