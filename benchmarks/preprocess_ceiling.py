@@ -77,8 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--root", default=None, help="synthetic cache and output folder (default: a temporary folder)")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "preprocess_ceiling.json"))
     args = p.parse_args(argv)
-    single_thread()
-    keep_freed_memory()
+    _init_worker()  # this process (Ray's driver) runs with the pool's settings
     work = Path(args.root or tempfile.mkdtemp(prefix="preprocess_ceiling_"))
     cfg = ensure_dataset(bench_config(work, args.images))
     n = cfg.data.synthetic.num_train

@@ -170,7 +170,7 @@ def process_shard(
         message, image_id, ann_id]``), and when written ``rows``, ``instances``, ``crowd``, ``reencoded`` and
         ``label_images`` (images per contiguous label, keys as strings).
     """
-    name = f"part-{shard:05d}.parquet"
+    name = _shard_name(shard)
     file_name, folder = _file_name_fn(fmt), Path(images)
     per_image, good, blobs, reencode = [], [], {}, set()
     for img in part["images"]:
@@ -287,6 +287,10 @@ def _parts(data: dict, shard_size: int) -> list[dict]:
     return parts
 
 
+def _shard_name(shard: int) -> str:
+    return f"part-{shard:05d}.parquet"
+
+
 def _marker_name(shard: int) -> str:
     return f"part-{shard:05d}.done.json"
 
@@ -363,7 +367,7 @@ def _unstage(staging: Path, shards: list[int]) -> None:
     """Remove these shards (and their markers, and what a killed run left half-written of either) from
     ``staging``, and ``staging`` once it is empty."""
     for k in shards:
-        for name in (f"part-{k:05d}.parquet", _marker_name(k)):
+        for name in (_shard_name(k), _marker_name(k)):
             (staging / name).unlink(missing_ok=True)
             (staging / (name + ".tmp")).unlink(missing_ok=True)
     if staging.is_dir() and not any(staging.iterdir()):
