@@ -10,7 +10,12 @@ once, and ``preprocess`` on a local Ray with 2 CPUs (from this process; Ray idle
 clock.
 
 Per round: ``pair_vs_alone`` (the ceiling), ``ray_vs_alone`` (the ratio the data issue's goal is about) and
-``ray_vs_pair`` (Ray's share of the ceiling); the result holds their medians.
+``ray_vs_pair`` (Ray's share of the ceiling). The two runs of a pair often finish seconds apart: the host's two
+virtual CPUs do not always run at the same speed. ``balanced_vs_alone`` is what an engine that kept both workers
+busy to the end, each at the speed its run of the pair saw, would make (the sum of the two runs' rates), and
+``ray_vs_balanced`` Ray's share of that. Each round also records every run's CPU seconds and the machine's steal
+time (``/proc/stat``: time the hypervisor gave our virtual CPUs to someone else). The result holds the ratios'
+medians.
 
     PYTHONPATH=. python benchmarks/preprocess_ceiling.py --images 2400 --rounds 8
 """
@@ -39,7 +44,7 @@ from diffusioninst.data.preprocess import local_runtime_env
 from diffusioninst.engine.host import keep_freed_memory
 
 SHARD_SIZE = 25  # as data_throughput.py
-RATIOS = ("pair_vs_alone", "ray_vs_alone", "ray_vs_pair")
+RATIOS = ("pair_vs_alone", "balanced_vs_alone", "ray_vs_alone", "ray_vs_pair", "ray_vs_balanced")
 
 
 def _init_worker() -> None:
@@ -48,18 +53,18 @@ def _init_worker() -> None:
 
 
 def local_run(images: str, annotations: str, out: str, barrier=None) -> dict:
-    """One ``preprocess(engine="local")`` into ``out`` (emptied beforehand by the caller): this process's id and
-    the run's start and end (``time.time``). ``barrier``: a ``multiprocessing`` barrier the run waits at first,
-    so that runs meant to be concurrent start together (and fail, rather than run one after the other, when two
-    of them landed in the same process)."""
+    """One ``preprocess(engine="local")`` into ``out`` (emptied beforehand by the caller): this process's id, the
+    run's start and end (``time.time``) and the CPU seconds this process spent in it (``cpu``). ``barrier``: a
+    ``multiprocessing`` barrier the run waits at first, so that runs meant to be concurrent start together (and
+    fail, rather than run one after the other, when two of them landed in the same process)."""
     from diffusioninst.data.preprocess import preprocess
 
     if barrier is not None:
         barrier.wait(timeout=120)
-    start = time.time()
+    start, cpu = time.time(), time.process_time()
     preprocess("coco", images, annotations, out, force=True, shard_size=SHARD_SIZE, log=lambda _: None,
                engine="local")  # fmt: skip
-    return {"pid": os.getpid(), "start": start, "end": time.time()}
+    return {"pid": os.getpid(), "start": start, "end": time.time(), "cpu": time.process_time() - cpu}
 
 
 def pair_seconds(runs: list[dict]) -> float:
@@ -68,6 +73,21 @@ def pair_seconds(runs: list[dict]) -> float:
     if len({r["pid"] for r in runs}) != len(runs):
         raise RuntimeError(f"the runs were not in {len(runs)} different processes: {runs}")
     return max(r["end"] for r in runs) - min(r["start"] for r in runs)
+
+
+def balanced_rate(runs: list[dict], images: int) -> float:
+    """images/s of an engine with one worker per run that kept every worker busy to the end, each at the speed its
+    run saw: the sum of the runs' rates (each run did ``images``). Equals ``len(runs) * images / pair_seconds``
+    when the runs took the same time; more when one finished early."""
+    return sum(images / (r["end"] - r["start"]) for r in runs)
+
+
+def steal_seconds() -> float:
+    """Seconds of CPU time the hypervisor gave this machine's virtual CPUs to others since boot, over all CPUs
+    (the ``steal`` column of ``/proc/stat``; 0 where it is not reported)."""
+    with open("/proc/stat") as f:
+        fields = f.readline().split()
+    return int(fields[8]) / os.sysconf("SC_CLK_TCK") if len(fields) > 8 else 0.0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -84,17 +104,15 @@ def main(argv: list[str] | None = None) -> int:
     src = (str(cfg.data.train.images), str(cfg.data.train.annotations))
     outs = [work / "local_a", work / "local_b"]
 
-    def alone(pool) -> float:
+    def alone(pool) -> dict:
         empty_output(outs[0])
-        run = pool.apply(local_run, (*src, str(outs[0])))
-        return n / (run["end"] - run["start"])
+        return pool.apply(local_run, (*src, str(outs[0])))
 
-    def pair(pool) -> float:
+    def pair(pool) -> list[dict]:
         for out in outs:
             empty_output(out)
         barrier = manager.Barrier(2)
-        runs = pool.starmap(local_run, [(*src, str(out), barrier) for out in outs], chunksize=1)
-        return 2 * n / pair_seconds(runs)
+        return pool.starmap(local_run, [(*src, str(out), barrier) for out in outs], chunksize=1)
 
     import ray
 
@@ -109,19 +127,31 @@ def main(argv: list[str] | None = None) -> int:
             _preprocess_rate(cfg, work / "ray", SHARD_SIZE, "ray", True)  # workers start, imports
             for r in range(args.rounds):
                 order = ("alone", "pair", "ray") if r % 2 == 0 else ("ray", "pair", "alone")
-                rates = {}
+                rates, steal, runs = {}, {}, {}
                 for name in order:
+                    stolen = steal_seconds()
                     if name == "ray":
                         rates[name] = _preprocess_rate(cfg, work / "ray", SHARD_SIZE, "ray", True)
+                    elif name == "alone":
+                        runs[name] = [alone(pool)]
+                        rates[name] = n / (runs[name][0]["end"] - runs[name][0]["start"])
                     else:
-                        rates[name] = alone(pool) if name == "alone" else pair(pool)
+                        runs[name] = pair(pool)
+                        rates[name], rates["balanced"] = 2 * n / pair_seconds(runs[name]), balanced_rate(runs[name], n)
+                    steal[name] = steal_seconds() - stolen
                 rounds.append(
                     {
                         "order": list(order),
                         "rate": rates,
                         "pair_vs_alone": rates["pair"] / rates["alone"],
+                        "balanced_vs_alone": rates["balanced"] / rates["alone"],
                         "ray_vs_alone": rates["ray"] / rates["alone"],
                         "ray_vs_pair": rates["ray"] / rates["pair"],
+                        "ray_vs_balanced": rates["ray"] / rates["balanced"],
+                        "runs": {
+                            k: [{"seconds": r["end"] - r["start"], "cpu": r["cpu"]} for r in v] for k, v in runs.items()
+                        },
+                        "steal_seconds": steal,
                     }
                 )
                 print(json.dumps(rounds[-1]), flush=True)
