@@ -13,9 +13,10 @@ Per round: ``pair_vs_alone`` (the ceiling), ``ray_vs_alone`` (the ratio the data
 ``ray_vs_pair`` (Ray's share of the ceiling). The two runs of a pair often finish seconds apart: the host's two
 virtual CPUs do not always run at the same speed. ``balanced_vs_alone`` is what an engine that kept both workers
 busy to the end, each at the speed its run of the pair saw, would make (the sum of the two runs' rates), and
-``ray_vs_balanced`` Ray's share of that. Each round also records every run's CPU seconds and the machine's steal
-time (``/proc/stat``: time the hypervisor gave our virtual CPUs to someone else). The result holds the ratios'
-medians.
+``ray_vs_balanced`` Ray's share of that. Each round also records every run's CPU seconds, ``pair_cpu_vs_alone``
+(the mean CPU seconds of the pair's runs over the run alone's: the same work, so above 1 when a process computes
+slower while the other virtual CPU is busy) and the machine's steal time (``/proc/stat``: time the hypervisor
+gave our virtual CPUs to someone else). The result holds the ratios' medians.
 
     PYTHONPATH=. python benchmarks/preprocess_ceiling.py --images 2400 --rounds 8
 """
@@ -44,7 +45,7 @@ from diffusioninst.data.preprocess import local_runtime_env
 from diffusioninst.engine.host import keep_freed_memory
 
 SHARD_SIZE = 25  # as data_throughput.py
-RATIOS = ("pair_vs_alone", "balanced_vs_alone", "ray_vs_alone", "ray_vs_pair", "ray_vs_balanced")
+RATIOS = ("pair_vs_alone", "balanced_vs_alone", "ray_vs_alone", "ray_vs_pair", "ray_vs_balanced", "pair_cpu_vs_alone")
 
 
 def _init_worker() -> None:
@@ -148,6 +149,7 @@ def main(argv: list[str] | None = None) -> int:
                         "ray_vs_alone": rates["ray"] / rates["alone"],
                         "ray_vs_pair": rates["ray"] / rates["pair"],
                         "ray_vs_balanced": rates["ray"] / rates["balanced"],
+                        "pair_cpu_vs_alone": statistics.mean(r["cpu"] for r in runs["pair"]) / runs["alone"][0]["cpu"],
                         "runs": {
                             k: [{"seconds": r["end"] - r["start"], "cpu": r["cpu"]} for r in v] for k, v in runs.items()
                         },
