@@ -5,9 +5,12 @@ empty folder, do twice the work of one without any coordination: their combined 
 alone is the most that any engine with two workers can get from this machine for this work at that moment. The
 pure-Python loop of ``host_info.two_process_scaling`` misses what the real work shares (memory bandwidth, caches,
 the disk); this does not. Each round times, in an order that alternates between rounds: one run alone, two at
-once, and ``preprocess`` on a local Ray with 2 CPUs (from this process; Ray idles during the other runs, as in
-``data_throughput.py``). Every run writes into an empty folder, the previous output removed and synced off the
-clock.
+once, and ``preprocess`` on a local Ray with 2 CPUs (from this process). Ray is started for its run and shut
+down after it (after an untimed pass that starts its workers), so that the runs without Ray share the machine with
+no Ray process (``--ray-between idle``: one Ray session for the whole benchmark, idle during the other runs, as in
+``data_throughput.py``; idle, a local Ray with 2 workers used about 0.09 of a core here, which the pair pays and
+one run alone, with a core to spare, does not). Every run writes into an empty folder, the previous output
+removed and synced off the clock.
 
 Per round: ``pair_vs_alone`` (the ceiling), ``ray_vs_alone`` (the ratio the data issue's goal is about) and
 ``ray_vs_pair`` (Ray's share of the ceiling). The two runs of a pair often finish seconds apart: the host's two
@@ -97,6 +100,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=8)
     p.add_argument("--root", default=None, help="synthetic cache and output folder (default: a temporary folder)")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "preprocess_ceiling.json"))
+    p.add_argument("--ray-between", choices=("shutdown", "idle"), default="shutdown",
+                   help="Ray between its runs: shut down (default) or kept idle")  # fmt: skip
     args = p.parse_args(argv)
     _init_worker()  # this process (Ray's driver) runs with the pool's settings
     work = Path(args.root or tempfile.mkdtemp(prefix="preprocess_ceiling_"))
@@ -117,19 +122,26 @@ def main(argv: list[str] | None = None) -> int:
 
     import ray
 
+    def start_ray() -> None:
+        ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", runtime_env=local_runtime_env())
+        ray.data.DataContext.get_current().enable_progress_bars = False
+        _preprocess_rate(cfg, work / "ray", SHARD_SIZE, "ray", True)  # workers start, imports: untimed
+
     scaling_before = two_process_scaling()
     rounds = []
     ctx = multiprocessing.get_context("spawn")
     with ctx.Manager() as manager, ctx.Pool(2, initializer=_init_worker) as pool:
         pair(pool)  # imports and first-run costs in both processes, untimed
-        ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", runtime_env=local_runtime_env())
-        ray.data.DataContext.get_current().enable_progress_bars = False
+        if args.ray_between == "idle":
+            start_ray()
         try:
-            _preprocess_rate(cfg, work / "ray", SHARD_SIZE, "ray", True)  # workers start, imports
             for r in range(args.rounds):
                 order = ("alone", "pair", "ray") if r % 2 == 0 else ("ray", "pair", "alone")
                 rates, steal, runs = {}, {}, {}
                 for name in order:
+                    fresh_ray = name == "ray" and args.ray_between == "shutdown"
+                    if fresh_ray:
+                        start_ray()
                     stolen = steal_seconds()
                     if name == "ray":
                         rates[name] = _preprocess_rate(cfg, work / "ray", SHARD_SIZE, "ray", True)
@@ -140,6 +152,8 @@ def main(argv: list[str] | None = None) -> int:
                         runs[name] = pair(pool)
                         rates[name], rates["balanced"] = 2 * n / pair_seconds(runs[name]), balanced_rate(runs[name], n)
                     steal[name] = steal_seconds() - stolen
+                    if fresh_ray:
+                        ray.shutdown()
                 rounds.append(
                     {
                         "order": list(order),
@@ -162,6 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     result = {
         "images": n,
         "shard_size": SHARD_SIZE,
+        "ray_between": args.ray_between,
         "cpu_model": cpu_model(),
         "host_two_process_scaling": {"before": scaling_before, "after": two_process_scaling()},
         "rounds": rounds,
