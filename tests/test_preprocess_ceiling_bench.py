@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -61,3 +62,32 @@ def test_pair_runs_in_two_processes_at_once_each_into_its_own_folder(tmp_path):
         manifest = json.loads((out / "manifest.json").read_text())
         assert manifest["counts"]["images"] == 6
         assert sorted(p.name for p in out.glob("part-*.parquet")) == ["part-00000.parquet"]
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_benchmark_round_with_ray_shut_down_between_its_runs(tmp_path):
+    """A whole round of the benchmark (6 images), in its own process as it is run (it sets its process to one
+    thread): every ratio is the quotient of the rates it names, and the pair ran in two processes."""
+    out = tmp_path / "ceiling.json"
+    bench = Path(__file__).resolve().parents[1] / "benchmarks" / "preprocess_ceiling.py"
+    cmd = [sys.executable, str(bench), "--images", "6", "--rounds", "1",
+           "--root", str(tmp_path / "work"), "--out", str(out)]  # fmt: skip
+    subprocess.run(cmd, check=True, capture_output=True, timeout=600)
+    result = json.loads(out.read_text())
+    assert result["ray_between"] == "shutdown"
+    (r,) = result["rounds"]
+    rate = r["rate"]
+    assert r["pair_vs_alone"] == pytest.approx(rate["pair"] / rate["alone"])
+    assert r["balanced_vs_alone"] == pytest.approx(rate["balanced"] / rate["alone"])
+    assert r["ray_vs_pair"] == pytest.approx(rate["ray"] / rate["pair"])
+    assert r["ray_vs_balanced"] == pytest.approx(rate["ray"] / rate["balanced"])
+    assert rate["balanced"] >= rate["pair"] * (1 - 1e-9)  # the sum of the two rates is never below the span's rate
+    pair = r["runs"]["pair"]
+    assert len(pair) == 2 and all(run["cpu"] > 0 for run in pair)
+    mean_pair_cpu = r["pair_cpu_vs_alone"] * r["runs"]["alone"][0]["cpu"]
+    assert mean_pair_cpu == pytest.approx((pair[0]["cpu"] + pair[1]["cpu"]) / 2)
+    assert set(r["steal_seconds"]) == {"alone", "pair", "ray"} and min(r["steal_seconds"].values()) >= 0
+    assert result["median"]["ray_vs_alone"] == pytest.approx(r["ray_vs_alone"])
+    for folder in ("local_a", "local_b", "ray"):
+        assert json.loads((tmp_path / "work" / folder / "manifest.json").read_text())["counts"]["images"] == 6
