@@ -3,10 +3,11 @@
 The driver parses the JSON and runs the checks that need the whole file (entries, duplicate ids,
 annotations of unknown images; :mod:`diffusioninst.data.validation`), splits the images it kept, sorted by
 id, into shards of ``shard_size`` and runs **one** Ray Data pass with one row per shard. Each shard's task
-checks each of its annotations (category, bbox, segmentation), reads every image of its shard once, fully
-decodes it, checks its upright size against the JSON and hashes it; then builds the rows of the images that
-passed (original bytes, or a re-encoded upright RGB JPEG when the file is not an upright RGB JPEG/PNG;
-boxes; RLE of every mask; polygons) and writes ``part-NNNNN.parquet`` into ``<output>/.staging`` with a
+checks each of its annotations (category, bbox, segmentation), reads every image of its shard once, decodes
+all of it (a JPEG at 1/8 scale: :func:`~diffusioninst.data.image_io.inspect_image`), checks its upright size
+against the JSON and hashes it; then builds the rows of the images that passed (original bytes, or a
+re-encoded upright RGB JPEG when the file is not an upright RGB JPEG/PNG; boxes; RLE of every mask; polygons)
+and writes ``part-NNNNN.parquet`` into ``<output>/.staging`` with a
 ``part-NNNNN.done.json`` marker carrying the shard's fingerprint and what the driver needs from it
 (per-image and per-annotation issues, sha256, counts). The driver's own part is what cannot be split by
 image; it bounds how far the pass scales (``docs/data.md``, "Scaling across nodes").
@@ -150,7 +151,7 @@ def _api(fmt: str, data: dict):
 def process_shard(
     shard: int, fingerprint: str, part: dict, fmt: str, images: str, staging: str | None, write_if_bad: bool
 ) -> dict[str, Any]:
-    """Check, encode and write one shard: every image file (fully decoded) and every annotation
+    """Check, encode and write one shard: every image file (decoded whole) and every annotation
     (:func:`~diffusioninst.data.validation.annotation_issue`; the driver did the whole-file checks).
 
     Args:

@@ -258,6 +258,65 @@ def test_decode_errors_name_the_file():
             check(buf.getvalue()[: len(buf.getvalue()) // 2], "cut.jpg")
 
 
+def _full_decode_fails(data: bytes) -> bool:
+    """The reference: does PIL's own full decode of ``data`` raise?"""
+    try:
+        Image.open(io.BytesIO(data)).load()
+    except (OSError, SyntaxError, ValueError):
+        return True
+    return False
+
+
+@pytest.mark.parametrize("progressive", [False, True])
+def test_inspect_image_fails_exactly_when_a_full_decode_fails(progressive, monkeypatch):
+    """``inspect_image`` decodes a JPEG at 1/8 scale; on damaged files it must still agree with a full decode:
+    cut at every 1/40 of the file and in its last bytes, and with runs of random bytes written over the
+    entropy-coded data."""
+    from PIL import JpegImagePlugin
+
+    from diffusioninst.data.image_io import ImageDecodeError
+
+    scaled = []
+    draft = JpegImagePlugin.JpegImageFile.draft
+    monkeypatch.setattr(
+        JpegImagePlugin.JpegImageFile, "draft", lambda self, mode, size: scaled.append(size) or draft(self, mode, size)
+    )
+    rng = np.random.default_rng(1)
+    img = (rng.integers(0, 255, (120, 160, 3)) // 32 * 32).astype(np.uint8)  # blocky noise: a non-trivial stream
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, format="JPEG", quality=90, progressive=progressive)
+    good = buf.getvalue()
+    assert inspect_image(good) == decode_with_info(good)[1] and scaled == [(1, 1)]  # the 1/8-scale decode ran
+    cases = [good[: len(good) * k // 40] for k in range(1, 40)] + [good[:-n] for n in (1, 2, 3, 16)]
+    for _ in range(60):
+        bad, at = bytearray(good), int(rng.integers(400, len(good) - 2))
+        bad[at : at + int(rng.choice([1, 4, 32]))] = rng.integers(0, 256, 32, dtype=np.uint8).tobytes()[: len(bad)]
+        cases.append(bytes(bad[: len(good)]))
+    failed = 0
+    for data in cases:
+        if _full_decode_fails(data):
+            failed += 1
+            with pytest.raises(ImageDecodeError, match="damaged.jpg"):
+                inspect_image(data, "damaged.jpg")
+        else:
+            assert inspect_image(data, "damaged.jpg").height == 120
+    assert 30 <= failed < len(cases)  # both kinds of case are there
+
+
+def test_inspect_image_lets_a_full_decode_decide_when_the_scaled_one_fails(monkeypatch):
+    from PIL import JpegImagePlugin
+
+    buf = io.BytesIO()
+    Image.fromarray(np.full((16, 24, 3), 200, np.uint8)).save(buf, format="JPEG")
+
+    def failing_draft(self, mode, size):
+        raise OSError("scaled decoding not supported")
+
+    monkeypatch.setattr(JpegImagePlugin.JpegImageFile, "draft", failing_draft)
+    info = inspect_image(buf.getvalue())
+    assert (info.height, info.width, info.format, info.mode) == (16, 24, "JPEG", "RGB")
+
+
 @pytest.mark.parametrize(
     "poly",
     [[1, 2.5, 3, 4, 5, 6], [], [1e300, 2e300], [0.0, -0.0], [1, "2", 3], [1, None], [True, 1, 2, 3, 4, 5],
