@@ -15,7 +15,8 @@ For each warm run of ``preprocess`` on a local Ray with ``--cpus`` CPUs (synthet
 one at that time (``host_info.two_process_scaling``): on a shared virtual machine, the ceiling of any 2-CPU ratio.
 
 Every run writes into an empty folder, the previous output removed and synced off the clock (``--output
-existing``: every run replaces the previous run's output instead, and deleting it is timed too).
+existing``: every run replaces the previous run's output instead, and deleting it is timed too). Every run's
+inputs are read into the page cache first, before the counters start (``data_throughput.warm_inputs``).
 
 Linux only (``/proc``); the tasks report through files in a temporary folder, so one machine only.
 
@@ -37,7 +38,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from data_throughput import _preprocess_rate, bench_config, empty_output, single_thread
+from data_throughput import _preprocess_rate, bench_config, empty_output, single_thread, warm_inputs
 from host_info import cpu_model, process_cpu, two_process_scaling
 
 import diffusioninst.data.preprocess as pre
@@ -132,9 +133,10 @@ def main(argv: list[str] | None = None) -> int:
                 os.remove(os.path.join(log_dir, f))
             if into_empty:
                 empty_output(work / "ray")
+            warm_inputs(cfg)  # before the counters: reading the inputs is not part of the run
             idle0, total0 = machine_times()
             procs0, cpu0, t0 = processes_cpu(), time.process_time(), time.time()
-            rate = _preprocess_rate(cfg, work / "ray", 25, "ray")
+            rate = _preprocess_rate(cfg, work / "ray", 25, "ray", warm=False)
             t1, cpu1, procs1 = time.time(), time.process_time(), processes_cpu()
             idle1, total1 = machine_times()
             after = no_ray()
@@ -178,6 +180,7 @@ def main(argv: list[str] | None = None) -> int:
         "images": args.images,
         "cpus": args.cpus,
         "output": "empty folder" if into_empty else "replacing the previous run's output",
+        "inputs": "read into the page cache before every timed run",
         "cpu_model": cpu_model(),
         "runs": runs,
         "median_vs_same_work_no_ray": statistics.median(r["vs_same_work_no_ray"] for r in runs),

@@ -10,7 +10,8 @@ down after it (after an untimed pass that starts its workers), so that the runs 
 no Ray process (``--ray-between idle``: one Ray session for the whole benchmark, idle during the other runs, as in
 ``data_throughput.py``; idle, a local Ray with 2 workers used about 0.09 of a core here, which the pair pays and
 one run alone, with a core to spare, does not). Every run writes into an empty folder, the previous output
-removed and synced off the clock.
+removed and synced off the clock, and every run's inputs are read into the page cache first, off the clock
+(``data_throughput.warm_inputs``: this host pages out file pages idle for about a minute).
 
 Per round: ``pair_vs_alone`` (the ceiling), ``ray_vs_alone`` (the ratio the data issue's goal is about) and
 ``ray_vs_pair`` (Ray's share of the ceiling). The two runs of a pair often finish seconds apart: the host's two
@@ -40,7 +41,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from data_throughput import _preprocess_rate, bench_config, empty_output, single_thread
+from data_throughput import _preprocess_rate, bench_config, empty_output, single_thread, warm_inputs
 from host_info import cpu_model, two_process_scaling
 
 from diffusioninst.data.loaders import ensure_dataset
@@ -112,11 +113,13 @@ def main(argv: list[str] | None = None) -> int:
 
     def alone(pool) -> dict:
         empty_output(outs[0])
+        warm_inputs(cfg)
         return pool.apply(local_run, (*src, str(outs[0])))
 
     def pair(pool) -> list[dict]:
         for out in outs:
             empty_output(out)
+        warm_inputs(cfg)
         barrier = manager.Barrier(2)
         return pool.starmap(local_run, [(*src, str(out), barrier) for out in outs], chunksize=1)
 
@@ -177,6 +180,7 @@ def main(argv: list[str] | None = None) -> int:
         "images": n,
         "shard_size": SHARD_SIZE,
         "ray_between": args.ray_between,
+        "inputs": "read into the page cache before every timed run",
         "cpu_model": cpu_model(),
         "host_two_process_scaling": {"before": scaling_before, "after": two_process_scaling()},
         "rounds": rounds,
