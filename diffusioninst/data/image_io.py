@@ -73,9 +73,9 @@ def inspect_image(data: bytes, name: str = "<bytes>") -> ImageInfo:
     a JPEG is decoded at 1/8 scale (libjpeg's DCT scaling, ``Image.draft``): every coefficient of its entropy-
     coded data is still read, which is where a damaged JPEG fails, but the inverse DCT, upsampling and colour
     conversion run on 1/64 of the pixels (0.68 instead of 1.03 ms for a 480x640 JPEG here). When that decode
-    fails the full decode decides, so a file is reported only when a full decode fails too. Any other file (and
-    any file that is not an upright RGB JPEG/PNG) goes through :func:`decode_with_info`, so a mode PIL cannot
-    convert to RGB fails here.
+    fails the full decode decides, so a file is reported only when a full decode fails too. A file that is not
+    an upright RGB JPEG/PNG goes through :func:`decode_with_info` as well, so a mode PIL cannot convert to RGB
+    fails here.
 
     Raises:
         ImageDecodeError: naming ``name``.

@@ -289,9 +289,9 @@ def test_inspect_image_fails_exactly_when_a_full_decode_fails(progressive, monke
     assert inspect_image(good) == decode_with_info(good)[1] and scaled == [(1, 1)]  # the 1/8-scale decode ran
     cases = [good[: len(good) * k // 40] for k in range(1, 40)] + [good[:-n] for n in (1, 2, 3, 16)]
     for _ in range(60):
-        bad, at = bytearray(good), int(rng.integers(400, len(good) - 2))
-        bad[at : at + int(rng.choice([1, 4, 32]))] = rng.integers(0, 256, 32, dtype=np.uint8).tobytes()[: len(bad)]
-        cases.append(bytes(bad[: len(good)]))
+        bad, at, n = bytearray(good), int(rng.integers(400, len(good) - 34)), int(rng.choice([1, 4, 32]))
+        bad[at : at + n] = rng.integers(0, 256, n, dtype=np.uint8).tobytes()  # same length, n bytes replaced
+        cases.append(bytes(bad))
     failed = 0
     for data in cases:
         if _full_decode_fails(data):
