@@ -7,10 +7,10 @@ checks each of its annotations (category, bbox, segmentation), reads every image
 all of it (a JPEG at 1/8 scale: :func:`~diffusioninst.data.image_io.inspect_image`), checks its upright size
 against the JSON and hashes it; then builds the rows of the images that passed (original bytes, or a
 re-encoded upright RGB JPEG when the file is not an upright RGB JPEG/PNG; boxes; RLE of every mask; polygons)
-and writes ``part-NNNNN.parquet`` into ``<output>/.staging`` with a
-``part-NNNNN.done.json`` marker carrying the shard's fingerprint and what the driver needs from it
-(per-image and per-annotation issues, sha256, counts). The driver's own part is what cannot be split by
-image; it bounds how far the pass scales (``docs/data.md``, "Scaling across nodes").
+and writes ``part-NNNNN.parquet`` into ``<output>/.staging`` with a ``part-NNNNN.done.json`` marker carrying
+the shard's fingerprint and what the driver needs from it (per-image and per-annotation issues, sha256,
+counts). The driver's own part is what cannot be split by image; it bounds how far the pass scales
+(``docs/data.md``, "Scaling across nodes").
 
 Under ``on_bad_record=error`` nothing reaches ``<output>`` when anything is wrong: a task writes nothing
 for a shard with a bad image or annotation (no task writes anything when the whole-file checks already
