@@ -98,6 +98,10 @@ def empty_output(out: Path) -> None:
     os.sync()
 
 
+# what the result files say about the inputs of their timed runs (see warm_inputs)
+WARM_INPUTS = "read into the page cache before every timed run"
+
+
 def warm_inputs(cfg: ExperimentConfig) -> None:
     """Read the train split's annotation file and every image file once, so that a run timed next finds them in
     the page cache. Some hosts page out file pages that were not touched for a while (this box runs DAMON's
@@ -211,7 +215,7 @@ def preprocess_throughput(cfg: ExperimentConfig, work: Path, into_empty: bool = 
         "num_images": n,
         "shard_size": shard_size,
         "output": "empty folder" if into_empty else "replacing the previous run's output",
-        "inputs": "read into the page cache before every timed run",
+        "inputs": WARM_INPUTS,
         "load_avg_before": load(),
     }
     local = lambda: _preprocess_rate(cfg, work / "local_shards", shard_size, "local", into_empty)  # noqa: E731

@@ -38,7 +38,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from data_throughput import _preprocess_rate, bench_config, empty_output, single_thread, warm_inputs
+from data_throughput import WARM_INPUTS, _preprocess_rate, bench_config, empty_output, single_thread, warm_inputs
 from host_info import cpu_model, process_cpu, two_process_scaling
 
 import diffusioninst.data.preprocess as pre
@@ -180,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
         "images": args.images,
         "cpus": args.cpus,
         "output": "empty folder" if into_empty else "replacing the previous run's output",
-        "inputs": "read into the page cache before every timed run",
+        "inputs": WARM_INPUTS,
         "cpu_model": cpu_model(),
         "runs": runs,
         "median_vs_same_work_no_ray": statistics.median(r["vs_same_work_no_ray"] for r in runs),

@@ -41,7 +41,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from data_throughput import _preprocess_rate, bench_config, empty_output, single_thread, warm_inputs
+from data_throughput import WARM_INPUTS, _preprocess_rate, bench_config, empty_output, single_thread, warm_inputs
 from host_info import cpu_model, two_process_scaling
 
 from diffusioninst.data.loaders import ensure_dataset
@@ -180,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
         "images": n,
         "shard_size": SHARD_SIZE,
         "ray_between": args.ray_between,
-        "inputs": "read into the page cache before every timed run",
+        "inputs": WARM_INPUTS,
         "cpu_model": cpu_model(),
         "host_two_process_scaling": {"before": scaling_before, "after": two_process_scaling()},
         "rounds": rounds,
