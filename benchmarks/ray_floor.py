@@ -6,14 +6,15 @@ and what the machine spends during the pass is Ray's own: the driver (Ray Data's
 start and end the pass), Ray Data's actors, the task workers' runtime threads, raylet, GCS, the monitors and
 agents. For each of ``--rounds`` rounds it records
 
-* ``pass``: wall time, the tasks' starts and ends, the latency from the call to the first task and from the last
-  task's end to the return, and the CPU seconds of every Ray process over the pass, by role;
-* ``idle``: the same Ray, no pass, for the same wall time: the CPU seconds by role (Ray's cost when nothing runs).
+* the pass's wall time, the latency from the call to the first task and from the last task's end to the return,
+  and ``pass_cpu_s``, the CPU seconds of every process over the pass, by role;
+* ``idle_cpu_s``: the same Ray, no pass, for the same wall time, by role (Ray's cost when nothing runs).
 
 Processes that are not Ray's (kernel threads, the host's agents) are reported as ``host`` and not counted.
 A real pass pays at least ``ray_cpu_per_s`` CPU seconds per second out of the ``--cpus`` it has, plus the two
 latencies, with one CPU or both idle; :func:`best_ratio` turns that into the most a pass can make against the same
-work without Ray. Linux only (``/proc``).
+work without Ray. ``--cpus`` may exceed the machine's CPUs, since the tasks only sleep: that shows how the floor grows
+with the number of workers on a larger node. Linux only (``/proc``).
 
     PYTHONPATH=. python benchmarks/ray_floor.py --cpus 2 --seconds 3 --rounds 6
 """
@@ -169,6 +170,7 @@ def main(argv: list[str] | None = None) -> int:
             "ray_idle_share_of_cpus")  # fmt: skip
     result = {
         "cpus": args.cpus,
+        "machine_cpus": os.cpu_count(),  # --cpus above it: Ray's logical CPUs, for how the floor grows with workers
         "tasks": n_tasks,
         "task_seconds": args.seconds,
         "cpu_model": cpu_model(),
