@@ -8,7 +8,7 @@ import platform
 import statistics
 import time
 
-__all__ = ["cpu_model", "process_cpu", "two_process_scaling"]
+__all__ = ["cpu_model", "process_cpu", "processes_cpu", "two_process_scaling"]
 
 
 def cpu_model() -> str:
@@ -36,6 +36,17 @@ def process_cpu(pid: int) -> tuple[str, float]:
         stat = f.read()
     fields = stat.rsplit(")", 1)[1].split()
     return stat[stat.find("(") + 1 : stat.rfind(")")], (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def processes_cpu() -> dict[int, tuple[str, float]]:
+    """pid -> (name, user + system CPU seconds) of every live process (:func:`process_cpu` for each)."""
+    out = {}
+    for pid in map(int, filter(str.isdigit, os.listdir("/proc"))):
+        try:
+            out[pid] = process_cpu(pid)
+        except OSError:  # gone meanwhile
+            continue
+    return out
 
 
 def _spin(n: int) -> float:

@@ -39,7 +39,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from data_throughput import WARM_INPUTS, _preprocess_rate, bench_config, empty_output, single_thread, warm_inputs
-from host_info import cpu_model, process_cpu, two_process_scaling
+from host_info import cpu_model, processes_cpu, two_process_scaling
 
 import diffusioninst.data.preprocess as pre
 from diffusioninst.data.loaders import ensure_dataset
@@ -51,17 +51,6 @@ def machine_times() -> tuple[int, int]:
     with open("/proc/stat") as f:
         ticks = [int(x) for x in f.readline().split()[1:]]
     return ticks[3] + ticks[4], sum(ticks)
-
-
-def processes_cpu() -> dict[int, tuple[str, float]]:
-    """pid -> (name, user + system CPU seconds) of every live process."""
-    out = {}
-    for pid in map(int, filter(str.isdigit, os.listdir("/proc"))):
-        try:
-            out[pid] = process_cpu(pid)
-        except OSError:  # gone meanwhile
-            continue
-    return out
 
 
 def timed_tasks(log_dir: str):

@@ -34,7 +34,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from host_info import cpu_model, process_cpu, two_process_scaling
+import host_info
+from host_info import cpu_model, two_process_scaling
 
 from diffusioninst.data.preprocess import _items_dataset, local_runtime_env
 
@@ -47,11 +48,11 @@ def _cmdline(pid: int) -> str:
 
 
 def processes_cpu() -> dict[int, tuple[str, float]]:
-    """pid -> (command line, or the name in brackets for a kernel thread; user + system CPU seconds)."""
+    """:func:`host_info.processes_cpu` with each process's command line as its name (the name in brackets for a
+    kernel thread, which has none)."""
     out = {}
-    for pid in map(int, filter(str.isdigit, os.listdir("/proc"))):
+    for pid, (name, cpu) in host_info.processes_cpu().items():
         try:
-            name, cpu = process_cpu(pid)
             out[pid] = (_cmdline(pid) or f"[{name}]", cpu)
         except OSError:  # gone meanwhile
             continue
